@@ -1,0 +1,1 @@
+"""Case suites (TOML), installed as ``gdncheck_cases``."""

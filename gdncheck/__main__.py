@@ -1,0 +1,3 @@
+from gdncheck.cli import main
+
+main()

@@ -1,0 +1,68 @@
+"""Backend registry: built-in adapters by name, plugins by ``package.module:factory`` or entry point.
+
+A plugin factory is any callable returning a :class:`Backend`; packages can also publish one
+under the entry-point group ``gdncheck.backends``.
+"""
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from gdncheck.backends.base import Backend, Capabilities, Outputs
+
+__all__ = ["Backend", "Capabilities", "Outputs", "BUILTIN", "BackendNotFound", "load_backend",
+           "known_backends", "default_backends"]
+
+# name -> "module:factory"; imported lazily so a missing kernel package costs nothing.
+BUILTIN: dict[str, str] = {
+    "twin-fla": "gdncheck.backends.twins:FLATwin",
+    "twin-flashinfer": "gdncheck.backends.twins:FlashInferTwin",
+    "fla-interp": "gdncheck.backends.fla:FLAInterpreter",
+    "fla-chunk": "gdncheck.backends.fla:FLAChunk",
+    "fla-recurrent": "gdncheck.backends.fla:FLARecurrent",
+    "flashinfer-prefill": "gdncheck.backends.flashinfer:FlashInferPrefill",
+    "flashinfer-decode": "gdncheck.backends.flashinfer:FlashInferDecode",
+    "flashinfer-mtp": "gdncheck.backends.flashinfer:FlashInferMTP",
+    "sglang": "gdncheck.backends.sglang:SGLangTriton",
+}
+
+
+class BackendNotFound(LookupError):
+    """Unknown backend name or unloadable plugin spec."""
+
+
+def _plugins() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group="gdncheck.backends")}
+
+
+def known_backends() -> list[str]:
+    return sorted(set(BUILTIN) | set(_plugins()))
+
+
+def load_backend(spec: str) -> Backend:
+    """A backend by registry name, entry-point name, or ``package.module:factory``."""
+    target = BUILTIN.get(spec)
+    if target is None and spec in _plugins():
+        factory = _plugins()[spec].load()
+    else:
+        target = target or spec
+        if ":" not in target:
+            raise BackendNotFound(f"unknown backend {spec!r}; known: {', '.join(known_backends())}, "
+                                  "or give package.module:factory")
+        mod, _, attr = target.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise BackendNotFound(f"backend {spec!r}: cannot load {target}: {e}") from None
+    backend = factory()
+    if not isinstance(backend, Backend):
+        raise BackendNotFound(f"backend {spec!r}: factory returned {type(backend).__name__}, not a Backend")
+    return backend
+
+
+def default_backends(gpu: bool) -> list[str]:
+    """Backends ``gdncheck run`` uses when none are named."""
+    if gpu:
+        return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent",
+                "flashinfer-prefill", "flashinfer-decode", "flashinfer-mtp", "sglang"]
+    return ["twin-fla", "twin-flashinfer", "fla-interp"]

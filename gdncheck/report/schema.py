@@ -1,0 +1,108 @@
+"""Versioned report schema (pydantic). One :class:`CaseResult` per (case, backend), streamed as JSONL."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from gdncheck.cases import Case
+
+SCHEMA_VERSION = 1
+
+Status = Literal["ok", "unsupported", "error", "nan", "crash"]
+
+
+class TensorMetrics(BaseModel):
+    """Distance of one output tensor (output, state/pool rows, intermediate) to the oracle.
+
+    Computed over the elements the oracle defines (class ORACLE / WRITTEN), in float64.
+    """
+
+    count: int = Field(0, description="elements compared")
+    rel_l2: float | None = Field(None, description="RMS error / RMS reference")
+    max_abs: float | None = None
+    max_rel: float | None = Field(None, description="max |err| / max(|ref|, floor)")
+    cosine: float | None = None
+    ulp_p50: float | None = Field(None, description="ULP distance in the tensor's dtype, median")
+    ulp_p99: float | None = None
+    ulp_max: float | None = None
+    nan: int = 0
+    inf: int = 0
+    unwritten: int = Field(0, description="elements still holding the NaN poison")
+    floor_rel_l2: float | None = Field(None, description="rel_l2 of the oracle rounded to this dtype")
+    twin_rel_l2: float | None = Field(None, description="rel_l2 of the precision twin")
+    in_floors: float | None = Field(None, description="rel_l2 / floor_rel_l2")
+    in_twins: float | None = Field(None, description="rel_l2 / twin_rel_l2")
+
+
+class Contracts(BaseModel):
+    """Hard contracts: no budget, any violation fails."""
+
+    untouched_rows: int = Field(0, description="pool rows the call must not touch")
+    untouched_changed: list[int] = Field(default_factory=list, description="of those, rows not bit-identical")
+    padded_ok: bool | None = Field(None, description="padded rows as the declared policy says; None = no padding")
+    padded_details: list[str] = Field(default_factory=list)
+    unwritten: int = Field(0, description="output/state elements the call had to write but left poisoned")
+    nan_where_finite: int = Field(0, description="NaN/Inf where the oracle is finite")
+    state_written: bool | None = Field(None, description="final state / pool rows written where the API says")
+
+    @property
+    def ok(self) -> bool:
+        return (not self.untouched_changed and self.padded_ok is not False and self.unwritten == 0
+                and self.nan_where_finite == 0 and self.state_written is not False)
+
+
+class Timing(BaseModel):
+    compile_s: float | None = Field(None, description="first call of a new compile key, minus run time")
+    run_s: float | None = None
+    oracle_s: float | None = None
+
+
+class CaseResult(BaseModel):
+    """One case on one backend."""
+
+    schema_version: int = SCHEMA_VERSION
+    case_id: str
+    case: Case
+    backend: str
+    backend_version: str = ""
+    status: Status
+    reason: str | None = Field(None, description="unsupported reason, exception text, crash signal")
+    path: str = Field("", description="kernel path taken")
+    policy: str | None = Field(None, description="padding policy the backend declared for this path")
+    adapter_work: list[str] = Field(default_factory=list)
+    metrics: dict[str, TensorMetrics] = Field(default_factory=dict, description="keys: o, state, intermediate")
+    contracts: Contracts | None = None
+    timing: Timing = Field(default_factory=Timing)
+    device: str = ""
+    worker: str = ""
+    repro: str = ""
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+
+class Environment(BaseModel):
+    gpu: str | None = None
+    driver: str | None = None
+    cuda: str | None = None
+    torch: str | None = None
+    triton: str | None = None
+    flashinfer: str | None = None
+    fla: str | None = None
+    gdncheck: str | None = None
+    git_rev: str | None = None
+    python: str | None = None
+    host: str | None = None
+    command: str | None = None
+    seeds: list[int] = Field(default_factory=list)
+
+
+class RunHeader(BaseModel):
+    """First line of a results JSONL file."""
+
+    schema_version: int = SCHEMA_VERSION
+    kind: Literal["header"] = "header"
+    run_id: str
+    suites: list[str]
+    backends: list[str]
+    environment: Environment
+    shard: str | None = None

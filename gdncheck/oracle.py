@@ -25,14 +25,17 @@ def gates64(inputs: Inputs, *, beta_dtype=None, exp_dtype=None) -> tuple[torch.T
     return g, beta
 
 def expected(inputs: Inputs, policy: str = "skip", zero_length: str = "passthrough", *,
-             device: str | torch.device | None = None, form: str = "chunked",
+             device: str | torch.device | None = None, form: str | None = None,
              beta_dtype=None, exp_dtype=None) -> PoolResult:
     """The oracle's :class:`PoolResult` for ``inputs`` under a padding/zero-length policy.
 
+    ``form`` None picks the recurrent form for short sequences, the chunked one otherwise.
     Plain-state cases (no pool) are a pool of N rows read and written in order, so every
     result has the same form: ``pool`` is the expected final state ``[N, HS, ...]`` then.
     """
     c = inputs.case
+    if form is None:  # a few tokens per sequence: the token loop beats padding a 64-token chunk
+        form = "recurrent" if max(c.seqlens) <= 16 else "chunked"
     dev = torch.device(device) if device is not None else inputs.q.device
     g, beta = gates64(inputs, beta_dtype=beta_dtype, exp_dtype=exp_dtype)
     if c.pool_size is None:

@@ -18,6 +18,7 @@ state head ``i`` reads value head ``i // r``. Per token and state head (v_last):
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -126,9 +127,16 @@ def _scatter(y: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, B: int, T:
     return out.view(B, T, *y.shape[2:])
 
 
+def _expand_heads(x: torch.Tensor, HS: int, dim: int) -> torch.Tensor:
+    """Repeat each head ``HS // heads`` times along ``dim`` (GVA/GQA); no copy when equal."""
+    r = HS // x.shape[dim]
+    return x if r == 1 else x.repeat_interleave(r, dim=dim)
+
+
 def _recurrent(q, k, v, g, beta, S, want_inter):
-    """Token loop. q,k ``[N,T,HS,K]``, v ``[N,T,HS,V]``, g,beta ``[N,T,HS]``, S ``[N,HS,K,V]``."""
-    N, T, HS, _ = q.shape
+    """Token loop. q,k ``[N,T,H,K]``, v ``[N,T,HV,V]``, g,beta ``[N,T,HS]``, S ``[N,HS,K,V]``."""
+    N, T, HS = g.shape
+    q, k, v = _expand_heads(q, HS, 2), _expand_heads(k, HS, 2), _expand_heads(v, HS, 2)
     o = torch.empty(N, T, HS, v.shape[-1], dtype=F64, device=q.device)
     inter = [] if want_inter else None
     alpha = torch.exp(g)
@@ -146,47 +154,85 @@ def _recurrent(q, k, v, g, beta, S, want_inter):
 
 
 def _chunked(q, k, v, g, beta, S, want_inter, C):
-    """WY/UT chunked form; same arguments as :func:`_recurrent` plus chunk size ``C``."""
-    N, T, HS, K = q.shape
-    V = v.shape[-1]
-    nc = -(-T // C)
-    pad = nc * C - T
-    if pad:
-        # Padded tokens have g = 0, beta = 0, k = 0: they leave the state exactly as it is.
-        q, k, v, g, beta = (torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad)) for x in (q, k, v, g, beta))
+    """WY/UT chunked form; same arguments as :func:`_recurrent` plus chunk size ``C``.
 
-    def chunks(x):  # [N, nc*C, HS, ...] -> [nc, N, HS, C, ...], contiguous per chunk
-        x = x.reshape(N, nc, C, HS, *x.shape[3:])
-        return x.permute(1, 0, 3, 2, *range(4, x.dim())).contiguous()
+    Per chunk of ``L <= C`` tokens, with ``gamma_t = exp(g_1 + ... + g_t)`` the decay from
+    the chunk start and ``Dincl[t, j] = exp(g_{j+1} + ... + g_t)`` for ``j <= t`` (else 0)::
 
-    q, k, v, g, beta = map(chunks, (q, k, v, g, beta))
-    G = g.cumsum(-1)  # [nc, N, HS, C]
-    D = G[..., :, None] - G[..., None, :]  # D[t, j] = G_t - G_j
-    tri = torch.ones(C, C, dtype=torch.bool, device=q.device)
-    incl, strict = tri.tril(), tri.tril(-1)
-    Dincl = torch.exp(D.masked_fill_(~incl, float("-inf")))
-    gamma = torch.exp(G)  # decay from chunk start through token t
-    IL = (k @ k.transpose(-1, -2)).mul_(Dincl).mul_(beta[..., :, None]).masked_fill_(~strict, 0.0)
-    IL.diagonal(dim1=-2, dim2=-1).fill_(1.0)
-    U0 = torch.linalg.solve_triangular(IL, beta[..., None] * v, upper=False, unitriangular=True)
-    W = torch.linalg.solve_triangular(IL, (beta * gamma)[..., None] * k, upper=False, unitriangular=True)
-    del IL
-    QK = (q @ k.transpose(-1, -2)).mul_(Dincl)
-    # k scaled by the decay from token j to the chunk end, transposed for the state update
-    kT_end = (k * torch.exp(G[..., -1:] - G)[..., None]).transpose(-1, -2).contiguous()
-    gq = gamma[..., None] * q
-    o = torch.empty(nc, N, HS, C, V, dtype=F64, device=q.device)
-    inter = torch.empty(nc, N, HS, C, K, V, dtype=F64, device=q.device) if want_inter else None
-    for c in range(nc):
-        U = torch.baddbmm(U0[c].view(-1, C, V), W[c].view(-1, C, K), S.view(-1, K, V), alpha=-1.0).view(N, HS, C, V)
-        o[c] = gq[c] @ S + QK[c] @ U
+        A = I + strict_lower(beta_t * Dincl * (k k^T))
+        U = A^{-1} (beta * (v - gamma * (k S)))          # the chunk's delta-rule corrections
+        o = gamma * (q S) + (Dincl * (q k^T)) U
+        S = gamma_L * S + (Dincl[L, :] * k)^T U
+
+    ``q k^T`` and ``k k^T`` are computed at the ``H`` q/k heads. The loop works in buffers
+    allocated once per chunk length: fresh multi-megabyte temporaries cost page faults
+    that dominate the GEMMs. ``S`` (a private copy) is updated in place.
+    """
+    N, T, HS = g.shape
+    H, K = q.shape[2], q.shape[3]
+    HV, V = v.shape[2], v.shape[3]
+    r, rv = HS // H, HS // HV  # state heads per q/k head (GVA), per value head (GQA)
+    dev = q.device
+    o = torch.empty(N, T, HS, V, dtype=F64, device=dev)
+    inter = torch.empty(N, T, HS, K, V, dtype=F64, device=dev) if want_inter else None
+    S3 = S.view(N * HS, K, V)
+    bufs: dict[int, tuple] = {}
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        L = e - s
+        if L not in bufs:
+            tri = torch.ones(L, L, dtype=torch.bool, device=dev)
+            bufs[L] = (
+                ~tri.tril(), ~tri.tril(-1),
+                torch.empty(N, H, r, 2 * L, K, dtype=F64, device=dev),  # [q; k] at the HS heads
+                torch.empty(N, HS, L, L, dtype=F64, device=dev),  # gates strictly below the diagonal
+                torch.empty(N, HS, L, L, dtype=F64, device=dev),  # Dincl
+                torch.empty(N, HS, L, L, dtype=F64, device=dev),  # Dincl * q k^T
+                torch.empty(N, HS, L, L, dtype=F64, device=dev),  # A
+                torch.empty(N * HS, 2 * L, V, dtype=F64, device=dev),  # [q; k] S
+                torch.empty(N, HS, L, V, dtype=F64, device=dev),  # right-hand side, then o
+                torch.empty(N * HS, V, L, dtype=F64, device=dev).transpose(-1, -2),  # U (column-major)
+                torch.empty(N, HS, L, K, dtype=F64, device=dev),  # k decayed to the chunk end
+            )
+        not_incl, not_strict, QK, Dsum, Dincl, QKm, A, QKS, R, U, kend = bufs[L]
+        # [q; k] for this chunk, each q/k head repeated for its r state heads.
+        QK[:, :, :, :L] = q[:, s:e].transpose(1, 2)[:, :, None]
+        QK[:, :, :, L:] = k[:, s:e].transpose(1, 2)[:, :, None]
+        bc = beta[:, s:e].transpose(1, 2)  # [N, HS, L]
+        gc = g[:, s:e].transpose(1, 2)  # [N, HS, L]
+        gamma = torch.exp(gc.cumsum(-1))
+        # D[t, j] = g_{j+1} + ... + g_t summed directly, not G_t - G_j: a huge gate
+        # (-1e4 for alpha = 0) in G would cost the later, small gates their precision.
+        Dsum.copy_(gc[..., :, None].expand(N, HS, L, L)).masked_fill_(not_strict, 0.0)
+        torch.cumsum(Dsum, -2, out=Dincl)
+        Dincl.masked_fill_(not_incl, float("-inf")).exp_()
+        # q k^T and k k^T once per q/k head (batch stride skips the repeats).
+        qk_h = QK.view(N * H, r, 2 * L, K)[:, 0]
+        QKK = torch.bmm(qk_h, qk_h[:, L:].transpose(-1, -2)).view(N, H, 1, 2 * L, L)
+        torch.mul(QKK[..., :L, :], Dincl.view(N, H, r, L, L), out=QKm.view(N, H, r, L, L))
+        torch.mul(QKK[..., L:, :], Dincl.view(N, H, r, L, L), out=A.view(N, H, r, L, L))
+        A.mul_(bc[..., :, None]).masked_fill_(not_strict, 0.0)
+        A.diagonal(dim1=-2, dim2=-1).fill_(1.0)
+        torch.bmm(QK.view(N * HS, 2 * L, K), S3, out=QKS)
+        QKS4 = QKS.view(N, HS, 2 * L, V)
+        R5 = R.view(N, HV, rv, L, V)
+        torch.mul(QKS4[:, :, L:], gamma[..., None], out=R)
+        torch.sub(v[:, s:e].transpose(1, 2)[:, :, None], R5, out=R5)
+        R.mul_(bc[..., None])
+        torch.linalg.solve_triangular(A.view(N * HS, L, L), R.view(N * HS, L, V), upper=False,
+                                      unitriangular=True, out=U)
+        # o = gamma * (q S) + QKm U, in R's buffer.
+        torch.mul(QKS4[:, :, :L], gamma[..., None], out=R)
+        R3 = R.view(N * HS, L, V)
+        R3.baddbmm_(QKm.view(N * HS, L, L), U)
+        o[:, s:e] = R.transpose(1, 2)
+        kx = QK.view(N, HS, 2 * L, K)[:, :, L:]
         if want_inter:
-            inter[c] = gamma[c, :, :, :, None, None] * S[:, :, None] + torch.einsum(
-                "nhtj,nhjk,nhjv->nhtkv", Dincl[c], k[c], U)
-        S = gamma[c, :, :, -1, None, None] * S + kT_end[c] @ U
-    o = o.permute(1, 0, 3, 2, 4).reshape(N, nc * C, HS, V)[:, :T]
-    if want_inter:
-        inter = inter.permute(1, 0, 3, 2, 4, 5).reshape(N, nc * C, HS, K, V)[:, :T]
+            inter[:, s:e] = (gamma[..., None, None] * S[:, :, None] + torch.einsum(
+                "nhtj,nhjk,nhjv->nhtkv", Dincl, kx, U.view(N, HS, L, V))).transpose(1, 2)
+        torch.mul(kx, Dincl[..., -1, :, None], out=kend)  # decay from token j to the chunk end
+        S.mul_(gamma[..., -1, None, None])
+        S3.baddbmm_(kend.view(N * HS, L, K).transpose(-1, -2), U)
     return o, S, inter
 
 
@@ -218,8 +264,8 @@ def gated_delta_rule(
     B, T, H, HV, HS, K, V, N = check_inputs(q, k, v, g, beta, cu_seqlens, initial_state, layout)
     if form not in FORMS:
         raise ValueError(f"form: must be one of {FORMS}, got {form!r}")
-    if chunk_size <= 0:
-        raise ValueError(f"chunk_size: must be positive, got {chunk_size}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, numbers.Integral) or chunk_size <= 0:
+        raise ValueError(f"chunk_size: must be a positive integer, got {chunk_size!r}")
     if scale is None or scale == 0.0:
         scale = K ** -0.5
     if not (scale > 0 and scale < float("inf")):
@@ -228,25 +274,34 @@ def gated_delta_rule(
     qf, kf = q.to(F64), k.to(F64)
     if use_qk_l2norm:
         qf, kf = l2norm(qf), l2norm(kf)
-    qf = qf * scale
-    # Expand q/k and v to the HS state heads (GVA repeats q/k, GQA repeats v).
-    qf = qf.repeat_interleave(HS // H, dim=2)
-    kf = kf.repeat_interleave(HS // H, dim=2)
-    vf = v.to(F64).repeat_interleave(HS // HV, dim=2)
-    idx, valid = _token_index(B, T, cu_seqlens, dev)
-    qs, ks, vs = (_gather(x, idx, valid) for x in (qf, kf, vf))
-    gs = _gather(torch.clamp(g.to(F64), min=_G_MIN), idx, valid)
-    bs = _gather(beta.to(F64), idx, valid)
+        qf.mul_(scale)  # a fresh tensor: scale in place
+    else:
+        qf = qf * scale
+    vf = v.to(F64)
+    gf = torch.clamp(g.to(F64), min=_G_MIN)
+    bf = beta.to(F64)
+    # q/k stay at their H heads and v at HV; each form maps them to the HS state heads
+    # (GVA: state head i reads q/k head i // (HS // H); GQA: value head i // (HS // HV)).
+    if cu_seqlens is None:
+        idx = valid = None
+        qs, ks, vs, gs, bs = qf, kf, vf, gf, bf
+    else:
+        idx, valid = _token_index(B, T, cu_seqlens, dev)
+        qs, ks, vs, gs, bs = (_gather(x, idx, valid) for x in (qf, kf, vf, gf, bf))
     if initial_state is None:
         S0 = torch.zeros(N, HS, K, V, dtype=F64, device=dev)
     else:
-        S0 = to_v_last(initial_state.to(device=dev, dtype=F64), layout)
+        # A contiguous copy: the forms never alias the caller's tensor (final_state is S0 when T == 0).
+        S0 = to_v_last(initial_state.to(device=dev, dtype=F64), layout).clone(memory_format=torch.contiguous_format)
     if form == "recurrent":
         o, S, inter = _recurrent(qs, ks, vs, gs, bs, S0, output_intermediate)
     else:
         o, S, inter = _chunked(qs, ks, vs, gs, bs, S0, output_intermediate, chunk_size)
-    o_full = _scatter(o, idx, valid, B, T)
-    inter_full = None
+    if cu_seqlens is None:
+        o_full, inter_full = o, inter
+    else:
+        o_full = _scatter(o, idx, valid, B, T)
+        inter_full = _scatter(inter, idx, valid, B, T) if output_intermediate else None
     if output_intermediate:
-        inter_full = from_v_last(_scatter(inter, idx, valid, B, T), layout)
+        inter_full = from_v_last(inter_full, layout)
     return GDNResult(o=o_full, final_state=from_v_last(S, layout), intermediate=inter_full)

@@ -125,6 +125,8 @@ def pooled_gated_delta_rule(
         lens = [c[i + 1] - c[i] for i in range(N)]
         starts = c[:-1]
     padded = [r < 0 for r in reads]
+    if policy == "null_slot" and (any(padded) or any(w < 0 for w in writes)) and P == 0:
+        raise ValueError("pool: policy 'null_slot' needs slot 0 (the null slot) but the pool is empty")
     if policy == "null_slot" and any(padded) or policy == "null_slot" and any(w < 0 for w in writes):
         live_writes = [w for w, p in zip(writes, padded) if not p and w >= 0]
         live_reads = [r for r, p in zip(reads, padded) if not p]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from gdncheck.cases import Case
 
@@ -16,7 +16,10 @@ class TensorMetrics(BaseModel):
     """Distance of one output tensor (output, state/pool rows, intermediate) to the oracle.
 
     Computed over the elements the oracle defines (class ORACLE / WRITTEN), in float64.
+    Infinite ratios (a zero floor with a non-zero error) serialise as JSON ``Infinity``.
     """
+
+    model_config = ConfigDict(ser_json_inf_nan="constants")
 
     count: int = Field(0, description="elements compared")
     rel_l2: float | None = Field(None, description="RMS error / RMS reference")
@@ -45,6 +48,7 @@ class Contracts(BaseModel):
     unwritten: int = Field(0, description="output/state elements the call had to write but left poisoned")
     nan_where_finite: int = Field(0, description="NaN/Inf where the oracle is finite")
     state_written: bool | None = Field(None, description="final state / pool rows written where the API says")
+    details: list[str] = Field(default_factory=list, description="what failed, in words")
 
     @property
     def ok(self) -> bool:

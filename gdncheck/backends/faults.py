@@ -1,0 +1,248 @@
+"""Planted-fault backends: the clean FlashInfer twin with exactly one bug each.
+
+They exist to prove that the gate catches the bugs users met in this family (KERNELS.md §5):
+each fault in :data:`FAULTS` must turn at least one case of :func:`fault_cases` red, while the
+clean twin (:func:`clean_twin`) passes them all. Every fault overrides one hook of
+:class:`~gdncheck.backends.twins._Twin` (or one knob), so the difference from the clean twin
+is exactly the planted bug.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from gdncheck.backends.base import Backend
+from gdncheck.backends.twins import FlashInferTwin, Plan
+from gdncheck.cases import Case, Inputs
+
+
+def clean_twin() -> FlashInferTwin:
+    """The clean twin every fault is built on."""
+    return FlashInferTwin()
+
+
+class _Fault(FlashInferTwin):
+    family = "fault"
+    fault = ""
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.name = f"fault-{cls.fault}"
+
+
+class PaddingRowWritten(_Fault):
+    """Padded rows (index -1) are clamped to slot 0 and read/write it like a live row; mirrors
+    SGLang's -1 padding clamped to 0 that overwrote a live slot."""
+
+    fault = "padding_row_written"
+
+    def _plan(self, inputs: Inputs, policy: str) -> Plan:
+        p = super()._plan(inputs, policy)
+        for n, pad in enumerate(p.padded):
+            if pad:
+                p.src[n] = 0
+                p.dst[n] = None if inputs.case.disable_state_update else 0
+                p.padded[n] = False
+        return p
+
+
+class UntouchedRowModified(_Fault):
+    """The first written state is also stored into the next pool slot that no index names;
+    mirrors an off-by-one slot write-back that corrupts another request's state."""
+
+    fault = "untouched_row_modified"
+
+    def _after(self, inputs: Inputs, pool: torch.Tensor, plan: Plan, S: torch.Tensor) -> None:
+        c = inputs.case
+        if c.pool_size is None:
+            return
+        named = set(inputs.read_indices.tolist())
+        if inputs.write_indices is not None:
+            named |= set(inputs.write_indices.tolist())
+        named.add(0)  # slot 0 may be a null slot; pick a row that is unambiguously untouched
+        wn = [n for n, d in enumerate(plan.dst) if d is not None]
+        if not wn:
+            return
+        d = plan.dst[wn[0]]
+        free = [r for r in range(d + 1, c.pool_size) if r not in named] + \
+               [r for r in range(1, d) if r not in named]
+        if free:
+            pool[free[0]] = pool[self._slot(c, d)]
+
+
+class BetaNotSigmoided(_Fault):
+    """The raw-gate path uses b itself as beta (sigmoid missing); mirrors a kernel fed raw b
+    where it expects post-sigmoid beta (use_beta_sigmoid_in_kernel mismatch)."""
+
+    fault = "beta_not_sigmoided"
+
+    def _beta_from_raw(self, b: torch.Tensor) -> torch.Tensor:
+        return b
+
+
+class BetaRounded(_Fault):
+    """beta rounded to bf16 where the family keeps it fp32; mirrors SGLang's beta quantisation
+    (0.26% argmax flips in a K-last verify ablation)."""
+
+    fault = "beta_rounded"
+
+    def __init__(self, **kw):
+        super().__init__(**{**kw, "beta_dtype": "bfloat16"})
+
+
+class ExpBf16(_Fault):
+    """exp(g) evaluated in bf16; mirrors the FlashInfer-extend path that took exp before
+    casting g to fp32."""
+
+    fault = "exp_bf16"
+
+    def __init__(self, **kw):
+        super().__init__(**{**kw, "exp_dtype": "bfloat16"})
+
+
+class L2NormMissing(_Fault):
+    """q/k not L2-normalised although the call asks for it; mirrors an adapter dropping
+    use_qk_l2norm_in_kernel."""
+
+    fault = "l2norm_missing"
+
+    def _l2norm(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class LayoutTransposed(_Fault):
+    """Final states written in the other layout (last two dims swapped in memory); mirrors the
+    dropped K-last/V-last transpose in SGLang's verify."""
+
+    fault = "layout_transposed"
+
+    def _store_states(self, pool: torch.Tensor, rows: list[int], S: torch.Tensor) -> None:
+        # the other layout's memory order reinterpreted in this one (a view when K == V)
+        wrong = S.transpose(-1, -2).contiguous().view(S.shape)
+        super()._store_states(pool, rows, wrong)
+
+
+class CuSeqlensOffByOne(_Fault):
+    """Prefill sequence n runs over tokens cu[n] .. cu[n+1] inclusive (one past its end);
+    mirrors an off-by-one in varlen boundary handling."""
+
+    fault = "cu_seqlens_off_by_one"
+
+    def _plan(self, inputs: Inputs, policy: str) -> Plan:
+        p = super()._plan(inputs, policy)
+        if inputs.case.op == "prefill":
+            total = inputs.case.T
+            p.lens = [min(n + 1, total - s) for s, n in zip(p.starts, p.lens)]
+        return p
+
+
+class FinalStateNotWritten(_Fault):
+    """Final states are never stored into the pool / output state; mirrors an engine path that
+    forgets output_final_state or the write-back."""
+
+    fault = "final_state_not_written"
+
+    def _store_states(self, pool: torch.Tensor, rows: list[int], S: torch.Tensor) -> None:
+        return None
+
+
+class LastTokenNotWritten(_Fault):
+    """The last token of each sequence keeps the caller's (poisoned) output; mirrors a launch
+    grid one block short."""
+
+    fault = "last_token_not_written"
+
+    def _out_mask(self, plan: Plan, BT: int, policy: str) -> torch.Tensor:
+        m = super()._out_mask(plan, BT, policy)
+        for s, n in zip(plan.starts, plan.lens):
+            if n:
+                m[s + n - 1] = False
+        return m
+
+
+class GvaMappingWrong(_Fault):
+    """Value head i reads q/k head i % H instead of i // (HV / H); mirrors a GVA head mapping
+    written for interleaved instead of grouped heads."""
+
+    fault = "gva_mapping_wrong"
+
+    def _qk_head_index(self, H: int, HS: int) -> torch.Tensor:
+        return torch.arange(HS) % H
+
+
+class Int32OffsetWrap(_Fault):
+    """Slot offsets computed in int32 wrap once slot * HV * V * K reaches 2**31; mirrors the
+    overflow at slot 4096 with HV = 32, K = V = 128.
+
+    Emulation: the element stride is taken as ``HV * max(V, 128) * max(K, 128)`` (the model's
+    K = V = 128 even when the case is smaller, to keep the pool cheap) and the slot becomes
+    ``slot % (2**31 // stride)``: slot 4096 + i aliases slot i at HV = 32. A real kernel's
+    signed offset goes negative instead (an out-of-bounds access: garbage or a fault); the
+    emulation turns that into aliasing onto a live slot, which is observable and deterministic.
+    """
+
+    fault = "int32_offset_wrap"
+
+    def _slot(self, case: Case, slot: int) -> int:
+        stride = case.HS * max(case.V, 128) * max(case.K, 128)
+        return slot % (2 ** 31 // stride)
+
+
+class ChunkBoundaryError(_Fault):
+    """The state carried into the next chunk is decayed through token 62 of the chunk, not 63
+    (the last token's decay is dropped); mirrors an off-by-one in the chunk-local cumsum."""
+
+    fault = "chunk_boundary_error"
+
+    def _chunk_end_decay(self, Gc: torch.Tensor) -> torch.Tensor:
+        return Gc[..., -2]
+
+
+class IntermediateNotCached(_Fault):
+    """Verify does not write per-token intermediate states; mirrors the fused verify that
+    skipped intermediate caching (GSM8K 0.83 -> 0.35)."""
+
+    fault = "intermediate_not_cached"
+
+    def _store_intermediate(self, buf: torch.Tensor, inter: torch.Tensor, layout: str) -> None:
+        return None
+
+
+_CLASSES = [PaddingRowWritten, UntouchedRowModified, BetaNotSigmoided, BetaRounded, ExpBf16,
+            L2NormMissing, LayoutTransposed, CuSeqlensOffByOne, FinalStateNotWritten,
+            LastTokenNotWritten, GvaMappingWrong, Int32OffsetWrap, ChunkBoundaryError,
+            IntermediateNotCached]
+
+#: fault name -> factory of the faulty backend
+FAULTS: dict[str, Callable[[], Backend]] = {cls.fault: cls for cls in _CLASSES}
+
+
+def fault_cases() -> list[Case]:
+    """Small CPU cases on which the gate must catch every fault in :data:`FAULTS`.
+
+    Together they cover: pools with padding under each policy of the clean twin (decode fp32
+    ``skip``, verify ``caller_value``, bf16-state ``null_slot``), slot indices >= 4096 at
+    HV = 32 (small K, V), zero-length varlen and T crossing chunk boundaries (65, 129), GVA and
+    GQA, verify with intermediate states, raw and precomputed gates, both layouts, fp32 inputs
+    (where precision faults stand far above the twin's floor).
+    """
+    return [
+        Case(name="fault-decode-pad-skip", op="decode", seqlens=[1] * 4, H=4, HV=8, K=32, V=32,
+             gate_source="raw", layout="k_last", pool_size=12, read_indices=[0, 5, -1, 9], seed=101,
+             tags=["faults"]),
+        Case(name="fault-verify-fp32-inter", op="verify", seqlens=[6] * 3, H=2, HV=4, K=32, V=32,
+             dtype="float32", gate_source="raw", layout="v_last", intermediate=True, pool_size=8,
+             read_indices=[2, -1, 6], write_indices=[3, -1, 7], seed=102, tags=["faults"]),
+        Case(name="fault-prefill-varlen", op="prefill", seqlens=[65, 0, 129, 7], H=2, HV=4, K=32, V=32,
+             layout="k_last", pool_size=8, read_indices=[1, 4, 6, 2], write_indices=[1, 5, 6, 3],
+             seed=103, tags=["faults"]),
+        Case(name="fault-prefill-gqa-fp32", op="prefill", seqlens=[70, 3], H=4, HV=2, K=16, V=16,
+             dtype="float32", gate_source="raw", layout="v_last", seed=104, tags=["faults"]),
+        Case(name="fault-decode-bf16-null-slot", op="decode", seqlens=[1] * 4, H=2, HV=4, K=16, V=16,
+             state_dtype="bfloat16", gate_source="raw", layout="v_last", pool_size=10,
+             read_indices=[3, -1, 7, 1], seed=105, tags=["faults"]),
+        Case(name="fault-decode-slot-4096", op="decode", seqlens=[1] * 4, H=16, HV=32, K=8, V=8,
+             layout="k_last", pool_size=4100, read_indices=[4097, 3, 4099, 10], seed=106,
+             tags=["faults"]),
+    ]

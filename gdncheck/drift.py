@@ -1,0 +1,387 @@
+"""Error drift: along long sequences, over long decode rollouts, and at the logits.
+
+position
+    One prefill of ``T`` tokens (up to 16384); relative L2 error of the output per position bin,
+    with the rounding floor of the same tokens (``rel_l2(round(ref, dtype), ref)``) beside it.
+rollout
+    ``steps`` (>= 1000 in real use) decode calls in which each implementation carries *its own*
+    state from step to step (rounded to the pool's ``state_dtype``, as a serving engine stores
+    it), against a float64 rollout from the same initial state. The state error is logged at
+    geometrically spaced steps and summarised by its **growth exponent**: the least-squares slope
+    of ``log(state rel_l2)`` against ``log(step)`` over steps >= 10. About 0 means bounded error
+    (the decay forgets old rounding), 0.5 a random walk of independent roundings, 1 linear growth
+    (a bias accumulating every step).
+logits
+    A fixed seeded Gaussian projection ``W [HS*V, vocab] / sqrt(HS*V)`` of every token's output
+    to a vocabulary of 32k-152k entries; the **argmax flip rate** is the fraction of tokens whose
+    argmax differs between the backend's output and the oracle's (both projected in float64, so
+    flips come from the output alone). ``W`` is drawn block by block from
+    ``seed + block index`` on the device, so memory stays bounded at any vocabulary size.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, Field
+
+from gdncheck.backends.base import Backend
+from gdncheck.cases import DTYPES, Case, Inputs, materialize
+from gdncheck.metrics import rel_l2
+from gdncheck.oracle import expected, gates64
+from gdncheck_reference import gated_delta_rule
+
+DRIFT_SCHEMA_VERSION = 1
+F64 = torch.float64
+
+__all__ = ["PositionCurve", "RolloutCurve", "DriftResult", "position_error", "rollout", "logit_flip_rate",
+           "growth_exponent", "load_drift", "register"]
+
+
+class PositionCurve(BaseModel):
+    """Output error per position bin of one long prefill on one backend."""
+
+    backend: str
+    status: Literal["ok", "unsupported", "error"] = "ok"
+    reason: str | None = None
+    case: Case | None = None
+    T: int
+    bin_edges: list[int] = Field(default_factory=list, description="bins+1 token positions")
+    rel_l2: list[float] = Field(default_factory=list, description="per bin, output vs oracle")
+    floor_rel_l2: list[float] = Field(default_factory=list, description="per bin, oracle rounded to dtype")
+    flip_rate: float | None = None
+    vocab: int | None = None
+    path: str = ""
+    seconds: float | None = None
+
+
+class RolloutCurve(BaseModel):
+    """State and output error along a decode rollout on one backend and state dtype."""
+
+    backend: str
+    status: Literal["ok", "unsupported", "error"] = "ok"
+    reason: str | None = None
+    case: Case | None = None
+    state_dtype: str
+    steps: int
+    log_steps: list[int] = Field(default_factory=list, description="steps (1-based) where errors were taken")
+    state_rel_l2: list[float] = Field(default_factory=list)
+    state_floor: list[float] = Field(default_factory=list, description="float64 state rounded once to state_dtype")
+    o_rel_l2: list[float] = Field(default_factory=list, description="output error over the steps since the previous point")
+    growth: float | None = Field(None, description="slope of log state error vs log step (steps >= 10)")
+    growth_o: float | None = None
+    flip_rate: float | None = None
+    vocab: int | None = None
+    path: str = ""
+    seconds: float | None = None
+
+
+class DriftResult(BaseModel):
+    schema_version: int = DRIFT_SCHEMA_VERSION
+    kind: Literal["drift"] = "drift"
+    device: str = ""
+    position: list[PositionCurve] = Field(default_factory=list)
+    rollout: list[RolloutCurve] = Field(default_factory=list)
+
+
+def load_drift(path: str | Path) -> DriftResult:
+    return DriftResult.model_validate_json(Path(path).read_text())
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _device(backend: Backend, device: str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    want = getattr(backend.caps, "device", "cpu") or "cpu"
+    return torch.device("cuda" if want.startswith("cuda") and torch.cuda.is_available() else "cpu")
+
+
+def _derive(template: Case, **update) -> Case:
+    """A validated copy of ``template`` with ``update`` applied (name/tags dropped)."""
+    d = template.model_dump()
+    d.update(pool_size=None, read_indices=None, write_indices=None, padding=None, intermediate=False,
+             disable_state_update=False, pool_strided=False, gate_strided=False, tags=[])
+    d.update(update)
+    return Case(**d)
+
+
+def _layout_for(backend: Backend, case: Case) -> Case:
+    """Switch the case to the backend's layout when it supports only the other one."""
+    lays = backend.caps.layouts
+    if lays and case.layout not in lays:
+        return _derive(case, layout=sorted(lays)[0], name=case.name)
+    return case
+
+
+def logit_flip_rate(o: torch.Tensor, ref: torch.Tensor, vocab: int = 32768, *, seed: int = 0,
+                    block: int = 8192) -> float:
+    """Fraction of tokens whose argmax over ``flatten(o) @ W`` differs from the oracle's.
+
+    Args:
+        o: ``[n, ...]`` the backend's outputs (one row per token), any float dtype.
+        ref: ``[n, ...]`` float64 oracle outputs.
+        vocab: projection width (32k-152k for real vocabularies).
+    """
+    n = o.shape[0]
+    if n == 0:
+        return 0.0
+    dev = o.device
+    a, r = o.reshape(n, -1).to(F64), ref.to(dev).reshape(n, -1).to(F64)
+    D = a.shape[1]
+    best_a = torch.full((n,), -math.inf, dtype=F64, device=dev)
+    best_r = best_a.clone()
+    arg_a = torch.zeros(n, dtype=torch.int64, device=dev)
+    arg_r = arg_a.clone()
+    for i, start in enumerate(range(0, vocab, block)):
+        w = min(block, vocab - start)
+        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
+        W = torch.randn(D, w, generator=gen, device=dev, dtype=torch.float32).to(F64) / math.sqrt(D)
+        for x, best, arg in ((a, best_a, arg_a), (r, best_r, arg_r)):
+            val, idx = (x @ W).max(dim=1)
+            upd = val > best
+            best[upd] = val[upd]
+            arg[upd] = idx[upd] + start
+    return float((arg_a != arg_r).double().mean().item())
+
+
+def growth_exponent(steps: list[int], errs: list[float], min_step: int = 10) -> float | None:
+    """Least-squares slope of log(err) vs log(step) over steps >= ``min_step`` with err > 0."""
+    pts = [(math.log(s), math.log(e)) for s, e in zip(steps, errs)
+           if s >= min_step and e is not None and e > 0 and math.isfinite(e)]
+    if len(pts) < 3:
+        return None
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    sxx = sum((p[0] - mx) ** 2 for p in pts)
+    return None if sxx == 0 else sum((p[0] - mx) * (p[1] - my) for p in pts) / sxx
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# --------------------------------------------------------------------------- position
+
+def position_error(backend: Backend, case_template: Case, T: int, bins: int = 32, *, device: str | None = None,
+                   vocab: int = 32768, proj_seed: int = 0) -> PositionCurve:
+    """Output error per position bin of one prefill of ``T`` tokens (a single sequence).
+
+    ``case_template`` gives heads, dims, dtypes, layout, gates and seed; its op and lengths are
+    replaced. Returns an ``unsupported`` / ``error`` curve rather than raising.
+    """
+    case = _layout_for(backend, _derive(case_template, op="prefill", seqlens=[T], name=f"position T={T}"))
+    curve = PositionCurve(backend=backend.name, T=T, case=case, vocab=vocab)
+    why = backend.available() or backend.supports(case)
+    if why:
+        curve.status, curve.reason = "unsupported", why
+        return curve
+    dev = _device(backend, device)
+    t0 = time.perf_counter()
+    try:
+        inputs = materialize(case, dev)
+        exp = expected(inputs.clone(), backend.policy(case), backend.zero_length_policy, device=dev)
+        out = backend.run(inputs)
+        _sync(dev)
+    except Exception as e:  # noqa: BLE001 - the curve records the failure
+        curve.status, curve.reason = "error", f"{type(e).__name__}: {e}"
+        return curve
+    o, ref = out.o[0], exp.o[0].to(dev)  # [T, HS, V]
+    dt = DTYPES[case.dtype]
+    edges = sorted({round(i * T / bins) for i in range(bins + 1)})
+    curve.bin_edges = edges
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        curve.rel_l2.append(rel_l2(o[lo:hi], ref[lo:hi]))
+        curve.floor_rel_l2.append(rel_l2(ref[lo:hi].to(dt), ref[lo:hi]))
+    curve.flip_rate = logit_flip_rate(o, ref, vocab, seed=proj_seed)
+    curve.path, curve.seconds = out.path, time.perf_counter() - t0
+    return curve
+
+
+# --------------------------------------------------------------------------- rollout
+
+def _log_points(steps: int, points: int) -> list[int]:
+    pts = {1, steps}
+    for i in range(points):
+        pts.add(int(round(math.exp(math.log(steps) * i / max(1, points - 1)))))
+    return sorted(p for p in pts if 1 <= p <= steps)
+
+
+def _step_inputs(case: Case, src: Inputs, s: int, state: torch.Tensor) -> Inputs:
+    tk = lambda t: t[:, s:s + 1].contiguous()  # noqa: E731
+    B, HS, V = case.N, case.HS, case.V
+    return Inputs(case=case, q=tk(src.q), k=tk(src.k), v=tk(src.v), A_log=src.A_log, dt_bias=src.dt_bias,
+                  a=tk(src.a), b=tk(src.b), g=tk(src.g), beta=tk(src.beta), cu_seqlens=None, state=state,
+                  read_indices=None, write_indices=None,
+                  out=torch.full((B, 1, HS, V), float("nan"), dtype=src.q.dtype, device=src.q.device),
+                  intermediate=None)
+
+
+def rollout(backend: Backend, case_template: Case, steps: int = 1000, *, state_dtype: str | None = None,
+            points: int = 40, device: str | None = None, vocab: int = 32768, proj_seed: int = 0) -> RolloutCurve:
+    """``steps`` decode calls feeding the backend's own state back, against a float64 rollout.
+
+    ``case_template``: its N = len(seqlens) sequences, heads, dims, dtypes, layout, gates and seed
+    are used; ``state_dtype`` overrides the template's. Token inputs of all steps are drawn once
+    (as a verify case of T = ``steps``) and fed one step at a time.
+    """
+    sdt_name = state_dtype or case_template.state_dtype
+    N = case_template.N
+    step_case = _layout_for(backend, _derive(case_template, op="decode", seqlens=[1] * N, state_dtype=sdt_name,
+                                             name=f"rollout {steps} steps"))
+    curve = RolloutCurve(backend=backend.name, state_dtype=sdt_name, steps=steps, case=step_case, vocab=vocab)
+    why = backend.available() or backend.supports(step_case)
+    if why:
+        curve.status, curve.reason = "unsupported", why
+        return curve
+    dev = _device(backend, device)
+    src_case = _derive(step_case, op="verify", seqlens=[max(2, steps)] * N, name=step_case.name)
+    src = materialize(src_case, dev)
+    g64, beta64 = gates64(src)
+    sdt = DTYPES[sdt_name]
+    S64 = src.state.to(F64)
+    carry = src.state.clone()
+    o_all = torch.empty(N, steps, step_case.HS, step_case.V, dtype=src.q.dtype, device=dev)
+    o_ref = torch.empty(N, steps, step_case.HS, step_case.V, dtype=F64, device=dev)
+    t0 = time.perf_counter()
+    prev = 0
+    try:
+        for p in _log_points(steps, points):
+            res = gated_delta_rule(src.q[:, prev:p], src.k[:, prev:p], src.v[:, prev:p], g64[:, prev:p],
+                                   beta64[:, prev:p], scale=step_case.scale, initial_state=S64,
+                                   use_qk_l2norm=step_case.l2norm, layout=step_case.layout)
+            S64 = res.final_state
+            o_ref[:, prev:p] = res.o
+            for s in range(prev, p):
+                out = backend.run(_step_inputs(step_case, src, s, carry))
+                if out.state is None:
+                    raise RuntimeError("backend returned no state")
+                carry = out.state.to(sdt)
+                o_all[:, s] = out.o[:, 0]
+                curve.path = out.path
+            curve.log_steps.append(p)
+            curve.state_rel_l2.append(rel_l2(carry, S64))
+            curve.state_floor.append(rel_l2(S64.to(sdt), S64))
+            curve.o_rel_l2.append(rel_l2(o_all[:, prev:p], o_ref[:, prev:p]))
+            prev = p
+        _sync(dev)
+    except Exception as e:  # noqa: BLE001 - the curve records the failure
+        curve.status, curve.reason = "error", f"{type(e).__name__} at step {prev}: {e}"
+        return curve
+    curve.growth = growth_exponent(curve.log_steps, curve.state_rel_l2)
+    curve.growth_o = growth_exponent(curve.log_steps, curve.o_rel_l2)
+    curve.flip_rate = logit_flip_rate(o_all.reshape(N * steps, -1), o_ref.reshape(N * steps, -1), vocab,
+                                      seed=proj_seed)
+    curve.seconds = time.perf_counter() - t0
+    return curve
+
+
+# --------------------------------------------------------------------------- CLI
+
+def _template(H, HV, K, V, dtype, state_dtype, layout, gate_source, gate_dist, seed, N=1) -> Case:
+    return Case(op="decode", seqlens=[1] * N, H=H, HV=HV, K=K, V=V, dtype=dtype, state_dtype=state_dtype,
+                layout=layout, gate_source=gate_source, gate_dist=gate_dist, seed=seed)
+
+
+def _write(result: DriftResult, out: Path, stem: str) -> list[Path]:
+    from gdncheck.report import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / f"{stem}.json"
+    js.write_text(result.model_dump_json(indent=1))
+    files = [js]
+    for title, fig in plots.drift_figures(result):
+        png = out / f"{stem}-{plots.slug(title)}.png"
+        fig.savefig(png, dpi=110, bbox_inches="tight")
+        plots.close(fig)
+        files.append(png)
+    return files
+
+
+def register(app) -> None:
+    """Add ``gdncheck drift position|rollout`` to a typer app."""
+    import typer
+    from rich.console import Console
+    from rich.table import Table
+
+    from gdncheck.backends import load_backend
+
+    drift_app = typer.Typer(help="Error drift: along long sequences, over decode rollouts, at the logits.",
+                            no_args_is_help=True)
+    app.add_typer(drift_app, name="drift")
+    con = Console(width=None if sys.stdout.isatty() else 160)  # logs: no truncated columns
+
+    common = dict(
+        H=typer.Option(16, "--H"), HV=typer.Option(32, "--HV"), K=typer.Option(128, "--K"), V=typer.Option(128, "--V"),
+    )
+
+    @drift_app.command("position")
+    def position_cmd(
+        backend: list[str] = typer.Option(..., "--backend", "-b", help="backend name (repeatable)"),
+        T: int = typer.Option(16384, "--T", help="tokens in the sequence"),
+        bins: int = typer.Option(32, help="position bins"),
+        H: int = common["H"], HV: int = common["HV"], K: int = common["K"], V: int = common["V"],
+        dtype: str = typer.Option("bfloat16"), state_dtype: str = typer.Option("float32"),
+        layout: str = typer.Option("k_last", help="k_last | v_last (switched per backend when it supports only the other)"),
+        gate_source: str = typer.Option("precomputed"), gate_dist: str = typer.Option("model"),
+        seed: int = typer.Option(0), vocab: int = typer.Option(32768, help="logit proxy vocabulary"),
+        device: str | None = typer.Option(None, help="default: the backend's device"),
+        out: Path = typer.Option(Path("drift"), "--out", help="output directory"),
+    ):
+        """Output error against position in one long prefill, per backend."""
+        tpl = _template(H, HV, K, V, dtype, state_dtype, layout, gate_source, gate_dist, seed)
+        res = DriftResult(device=str(device or ""))
+        tab = Table(title=f"position error, T={T}")
+        for c in ("backend", "status", "first bin", "last bin", "last/first", "flip rate"):
+            tab.add_column(c)
+        for name in backend:
+            cv = position_error(load_backend(name), tpl, T, bins, device=device, vocab=vocab, proj_seed=seed)
+            res.position.append(cv)
+            if cv.status == "ok" and cv.rel_l2:
+                ratio = cv.rel_l2[-1] / cv.rel_l2[0] if cv.rel_l2[0] else float("inf")
+                tab.add_row(name, cv.status, f"{cv.rel_l2[0]:.3e}", f"{cv.rel_l2[-1]:.3e}", f"{ratio:.2f}",
+                            f"{cv.flip_rate:.4%}")
+            else:
+                tab.add_row(name, cv.status, cv.reason or "", "", "", "")
+        con.print(tab)
+        for f in _write(res, out, "drift-position"):
+            con.print(f"wrote {f}")
+
+    @drift_app.command("rollout")
+    def rollout_cmd(
+        backend: list[str] = typer.Option(..., "--backend", "-b", help="backend name (repeatable)"),
+        steps: int = typer.Option(1000, help="decode steps"),
+        N: int = typer.Option(4, "--N", help="sequences decoded together"),
+        state_dtype: list[str] = typer.Option(["float32", "bfloat16"], "--state-dtype", help="repeatable"),
+        H: int = common["H"], HV: int = common["HV"], K: int = common["K"], V: int = common["V"],
+        dtype: str = typer.Option("bfloat16"), layout: str = typer.Option("k_last"),
+        gate_source: str = typer.Option("raw"), gate_dist: str = typer.Option("model"),
+        seed: int = typer.Option(0), points: int = typer.Option(40, help="log-spaced error points"),
+        vocab: int = typer.Option(32768), device: str | None = typer.Option(None),
+        out: Path = typer.Option(Path("drift"), "--out"),
+    ):
+        """Decode rollouts carrying each backend's own state, against float64."""
+        res = DriftResult(device=str(device or ""))
+        tab = Table(title=f"rollout, {steps} steps")
+        for c in ("backend", "state", "status", "state err (final)", "floor", "growth", "output err", "flip rate"):
+            tab.add_column(c)
+        for sd in state_dtype:
+            tpl = _template(H, HV, K, V, dtype, sd, layout, gate_source, gate_dist, seed, N)
+            for name in backend:
+                cv = rollout(load_backend(name), tpl, steps, device=device, vocab=vocab, points=points, proj_seed=seed)
+                res.rollout.append(cv)
+                if cv.status == "ok":
+                    gr = "n/a" if cv.growth is None else f"{cv.growth:.2f}"
+                    tab.add_row(name, sd, "ok", f"{cv.state_rel_l2[-1]:.3e}", f"{cv.state_floor[-1]:.1e}", gr,
+                                f"{cv.o_rel_l2[-1]:.3e}", f"{cv.flip_rate:.4%}")
+                else:
+                    tab.add_row(name, sd, cv.status, cv.reason or "", "", "", "", "")
+        con.print(tab)
+        for f in _write(res, out, "drift-rollout"):
+            con.print(f"wrote {f}")
+

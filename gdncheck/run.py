@@ -1,0 +1,365 @@
+"""The runner: suites x backends -> one :class:`CaseResult` per pair, streamed to JSONL.
+
+Each result is appended and flushed as soon as it exists, so a killed run loses at most the
+case in flight, and ``resume=True`` skips every (case, backend) pair already in the file.
+With ``isolate=True`` each backend runs in a worker process: a crash, an illegal memory
+access or a device-side assert is recorded for that case and a fresh worker takes over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+from gdncheck.backends import Backend, load_backend
+from gdncheck.cases import Case, load_suite, materialize
+from gdncheck.oracle import expected
+from gdncheck.report.schema import CaseResult, Environment, RunHeader, Timing
+
+# Exception texts after which a CUDA context is unusable: the worker must be replaced.
+_FATAL = ("illegal memory access", "device-side assert", "unspecified launch failure",
+          "CUDA error: an illegal", "misaligned address", "CUDA-capable device")
+
+
+def _pkg_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _git_rev() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        rev = out.stdout.strip()
+        if rev:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment(seeds: Iterable[int] = ()) -> Environment:
+    """What the results depend on besides the cases: hardware, driver and package versions."""
+    gpu = driver = cuda = None
+    if torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(0)
+        cuda = torch.version.cuda
+        try:
+            driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                    capture_output=True, text=True, timeout=10).stdout.split("\n")[0].strip() or None
+        except (OSError, subprocess.SubprocessError):
+            driver = None
+    return Environment(
+        gpu=gpu, driver=driver, cuda=cuda, torch=torch.__version__,
+        triton=_pkg_version("triton"), flashinfer=_pkg_version("flashinfer-python") or _flashinfer_version(),
+        fla=_pkg_version("fla-core") or _module_version("fla"), gdncheck=_pkg_version("gdncheck"),
+        git_rev=_git_rev(), python=platform.python_version(), host=platform.node(),
+        command=" ".join(shlex.quote(a) for a in sys.argv), seeds=sorted(set(seeds)))
+
+
+def _module_version(mod: str) -> str | None:
+    try:
+        return getattr(__import__(mod), "__version__", None)
+    except Exception:  # noqa: BLE001 - a broken optional package must not stop the run
+        return None
+
+
+def _flashinfer_version() -> str | None:
+    return _module_version("flashinfer")
+
+
+def compile_key(backend: Backend, case: Case) -> tuple:
+    """Cases with equal keys reuse one compiled kernel (KERNELS.md §3: T, heads, scale, dtypes)."""
+    fn = getattr(backend, "compile_key", None)
+    if fn is not None:
+        return tuple(fn(case))
+    return (case.op, case.T if case.op != "prefill" else 0, case.H, case.HV, case.K, case.V, case.dtype,
+            case.state_dtype, case.layout, case.scale, case.l2norm, case.gate_source, case.intermediate)
+
+
+def shard_of(case: Case, backend_name: str, n: int) -> int:
+    """Deterministic shard of a (case, backend) pair."""
+    h = hashlib.sha256(f"{case.id}:{backend_name}".encode()).hexdigest()
+    return int(h[:8], 16) % n
+
+
+# The oracle holds float64 copies of the pool (input and expected) beside the kernel's: a case
+# whose pool exceeds this on the CPU is reported unsupported there rather than exhausting memory.
+CPU_POOL_LIMIT_BYTES = 1 << 30
+
+
+def too_large(case: Case, device: torch.device) -> str | None:
+    """Reason a case cannot run on ``device`` for memory, or None."""
+    rows = case.pool_size if case.pool_size is not None else case.N
+    nbytes = rows * case.HS * case.K * case.V * 8
+    if device.type == "cpu" and nbytes > CPU_POOL_LIMIT_BYTES:
+        return (f"pool of {nbytes / 2**30:.1f} GiB in float64 exceeds the CPU limit of "
+                f"{CPU_POOL_LIMIT_BYTES / 2**30:.0f} GiB per case; run it on a GPU")
+    return None
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: set | None = None,
+             twin: Backend | None = None, worker: str = "") -> CaseResult:
+    """Run one case on one backend and judge it against the oracle. Never raises for kernel errors."""
+    from gdncheck import metrics  # imported here: heavy, and workers import it once
+
+    dev = torch.device(device)
+    base = dict(case_id=case.id, case=case, backend=backend.name, backend_version=backend.version(),
+                device=str(dev) if dev.type != "cuda" else f"{dev}:{torch.cuda.get_device_name(dev)}",
+                worker=worker, repro=case.repro() + f" --backend {backend.name}")
+    reason = backend.available() or backend.supports(case) or too_large(case, dev)
+    if reason:
+        return CaseResult(status="unsupported", reason=reason, **base)
+    policy = backend.policy(case)
+    timing = Timing()
+    try:
+        inputs = materialize(case, dev)
+        before = inputs.clone()
+        key = compile_key(backend, case)
+        first = seen_keys is not None and key not in seen_keys
+        if first:
+            warm = inputs.clone()
+            _sync(dev)
+            t0 = time.perf_counter()
+            backend.run(warm)
+            _sync(dev)
+            t_first = time.perf_counter() - t0
+            seen_keys.add(key)
+            del warm
+        _sync(dev)
+        t0 = time.perf_counter()
+        out = backend.run(inputs)
+        _sync(dev)
+        timing.run_s = time.perf_counter() - t0
+        if first:
+            timing.compile_s = max(t_first - timing.run_s, 0.0)
+    except Exception as e:  # noqa: BLE001 - a kernel error is a result, not a stop
+        text = f"{type(e).__name__}: {e}".strip()
+        fatal = any(s in text for s in _FATAL)
+        return CaseResult(status="crash" if fatal else "error", reason=text[:2000], policy=policy,
+                          timing=timing, extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base)
+    t0 = time.perf_counter()
+    exp = expected(before, policy, backend.zero_length_policy, device=dev)
+    _sync(dev)
+    timing.oracle_s = time.perf_counter() - t0
+    twin_out = None
+    if twin is not None and twin.name != backend.name and twin.supports(case) is None:
+        try:
+            twin_out = twin.run(before.clone())
+        except Exception:  # noqa: BLE001 - the twin only refines the floor
+            twin_out = None
+    m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)
+    status = "nan" if contracts.nan_where_finite else "ok"
+    return CaseResult(status=status, path=out.path, policy=policy, adapter_work=out.adapter_work,
+                      metrics=m, contracts=contracts, timing=timing, **base)
+
+
+# ---------------------------------------------------------------- worker processes
+
+def _worker_main(conn, backend_spec: str, device: str, twin_spec: str | None, worker: str) -> None:
+    """Worker loop: receives case JSON, sends CaseResult JSON; exits on None."""
+    backend = load_backend(backend_spec)
+    twin = load_backend(twin_spec) if twin_spec else None
+    seen: set = set()
+    while True:
+        msg = conn.recv()
+        if msg is None:
+            break
+        case = Case.model_validate_json(msg)
+        res = run_case(backend, case, device=device, seen_keys=seen, twin=twin, worker=worker)
+        conn.send(res.model_dump_json())
+        if res.status == "crash":
+            break  # the CUDA context may be poisoned; the parent starts a fresh worker
+
+
+@dataclass
+class _Worker:
+    proc: mp.Process
+    conn: object
+
+
+class IsolatedBackend:
+    """Runs a backend's cases in a worker process that is replaced after a crash."""
+
+    def __init__(self, spec: str, device: str, twin_spec: str | None, timeout_s: float = 900.0):
+        self.spec, self.device, self.twin_spec, self.timeout_s = spec, device, twin_spec, timeout_s
+        self._ctx = mp.get_context("spawn")
+        self._w: _Worker | None = None
+        self._n = 0
+
+    def _start(self) -> _Worker:
+        parent, child = self._ctx.Pipe()
+        self._n += 1
+        p = self._ctx.Process(target=_worker_main, daemon=True,
+                              args=(child, self.spec, self.device, self.twin_spec, f"{self.spec}#{self._n}@{self.device}"))
+        p.start()
+        child.close()
+        return _Worker(p, parent)
+
+    def run(self, case: Case, base_result: dict) -> CaseResult:
+        if self._w is None or not self._w.proc.is_alive():
+            self._w = self._start()
+        w = self._w
+        try:
+            w.conn.send(case.model_dump_json())
+            if w.conn.poll(self.timeout_s):
+                res = CaseResult.model_validate_json(w.conn.recv())
+                if res.status == "crash":
+                    self.close()
+                return res
+            reason = f"timeout after {self.timeout_s:.0f} s"
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            w.proc.join(5)
+            reason = f"worker died (exit code {w.proc.exitcode})"
+        self.close(kill=True)
+        return CaseResult(status="crash", reason=reason, **base_result)
+
+    def close(self, kill: bool = False) -> None:
+        if self._w is None:
+            return
+        w, self._w = self._w, None
+        try:
+            if not kill and w.proc.is_alive():
+                w.conn.send(None)
+                w.proc.join(10)
+        except (BrokenPipeError, OSError):
+            pass
+        if w.proc.is_alive():
+            w.proc.kill()
+            w.proc.join(5)
+
+
+# ---------------------------------------------------------------- the run
+
+def read_done(path: Path) -> set[tuple[str, str]]:
+    """(case_id, backend) pairs already recorded in a results file; ignores a torn last line."""
+    done: set[tuple[str, str]] = set()
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            d = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if d.get("kind") != "header" and "case_id" in d:
+            done.add((d["case_id"], d["backend"]))
+    return done
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a torn last line left by a killed run, so appends start on a fresh line."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def plan(suites: list[str], backends: list[Backend], shard: tuple[int, int] | None = None):
+    """(backend, case) pairs in run order: per backend, grouped by compile key."""
+    cases: list[Case] = []
+    seen: set[str] = set()
+    for s in suites:
+        for c in load_suite(s):
+            if c.id not in seen:
+                seen.add(c.id)
+                cases.append(c)
+    pairs = []
+    for b in backends:
+        mine = [c for c in cases if shard is None or shard_of(c, b.name, shard[1]) == shard[0]]
+        mine.sort(key=lambda c: repr(compile_key(b, c)))
+        pairs += [(b, c) for c in mine]
+    return pairs
+
+
+def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str | None = None,
+        isolate: bool | None = None, resume: bool = True, shard: tuple[int, int] | None = None,
+        twin_spec: str | None = "auto", progress: bool = True, on_result=None) -> Path:
+    """Run ``suites`` x ``backend_specs``, appending results to ``out`` (JSONL). Returns ``out``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    device = device or default_device()
+    isolate = (device.startswith("cuda")) if isolate is None else isolate
+    backends = [load_backend(s) for s in backend_specs]
+    pairs = plan(suites, backends, shard)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _repair_tail(out)
+    done = read_done(out) if resume else set()
+    if not resume and out.exists():
+        out.unlink()
+    todo = [(b, c) for b, c in pairs if (c.id, b.name) not in done]
+    header_needed = not out.exists() or out.stat().st_size == 0
+    specs = dict(zip([b.name for b in backends], backend_specs))
+    twins: dict[str, Backend | None] = {}
+    runners: dict[str, IsolatedBackend] = {}
+    seen_keys: dict[str, set] = {b.name: set() for b in backends}
+
+    def twin_for(b: Backend) -> str | None:
+        if twin_spec == "auto":
+            return b.twin
+        return twin_spec
+
+    with out.open("a") as f:
+        if header_needed:
+            hdr = RunHeader(run_id=uuid.uuid4().hex[:12], suites=suites, backends=[b.name for b in backends],
+                            environment=environment(c.seed for _, c in pairs),
+                            shard=f"{shard[0]}/{shard[1]}" if shard else None)
+            f.write(hdr.model_dump_json() + "\n")
+            f.flush()
+        cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                TextColumn("{task.fields[last]}"))
+        with Progress(*cols, disable=not progress, transient=False) as bar:
+            task = bar.add_task("gdncheck run", total=len(todo), last="")
+            try:
+                for b, c in todo:
+                    tname = twin_for(b)
+                    if isolate:
+                        r = runners.get(b.name)
+                        if r is None:
+                            r = runners[b.name] = IsolatedBackend(specs[b.name], device, tname)
+                        base = dict(case_id=c.id, case=c, backend=b.name, backend_version=b.version(),
+                                    device=device, repro=c.repro() + f" --backend {b.name}")
+                        res = r.run(c, base)
+                    else:
+                        if tname not in twins:
+                            twins[tname] = load_backend(tname) if tname else None
+                        res = run_case(b, c, device=device, seen_keys=seen_keys[b.name], twin=twins[tname],
+                                       worker=f"pid{os.getpid()}@{device}")
+                    f.write(res.model_dump_json() + "\n")
+                    f.flush()
+                    if on_result is not None:
+                        on_result(res)
+                    bar.update(task, advance=1, last=f"{b.name} {c.name or c.id}: {res.status}")
+            finally:
+                for r in runners.values():
+                    r.close()
+    return out

@@ -1,0 +1,231 @@
+"""`gdncheck ablate`: paired arms, effects with bootstrap intervals, expressibility per backend."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from gdncheck import ablate as ab
+from gdncheck.backends import load_backend
+from gdncheck.cases import Case, inputs_digest, materialize
+
+VOCAB = 4096  # projection width for the flip rate in tests (the CLI default is 32k)
+
+
+def small(op: str, seed: int, **kw) -> Case:
+    base = dict(H=1, HV=2, K=16, V=16, seed=seed, name=f"t/{op}/{seed}")
+    if op == "prefill":
+        base.update(seqlens=[9, 4])
+    elif op == "decode":
+        base.update(seqlens=[1, 1, 1])
+    else:
+        base.update(seqlens=[3, 3], intermediate=True)
+    base.update(kw)
+    return Case(op=op, **base)
+
+
+CASES = [small("prefill", 1), small("prefill", 2), small("decode", 3), small("decode", 4),
+         small("verify", 5, gate_source="raw"), small("verify", 6, gate_source="raw")]
+
+
+def _group(res, backend, op):
+    return next(g for g in res.groups if g["backend"] == backend and g["op"] == op)
+
+
+@pytest.fixture(scope="module")
+def beta_run():
+    return ab.ablate([ab.make_switch("beta-quant")], CASES, ["twin-fla"], seeds=3, vocab=VOCAB, n_boot=1000)
+
+
+def test_beta_quant_raises_error(beta_run):
+    """Rounding beta to bf16 adds error to an fp32 state: detected, positive, interval above zero."""
+    for op in ("decode", "verify"):
+        g = _group(beta_run, "twin-fla", op)
+        st = g["effects"]["state"]
+        # fp32 recurrent state: arm A sits near the fp32 floor; a bf16 beta (relative error up to
+        # 2^-9) moves the state by a bf16-sized error, thousands of fp32 floors
+        assert st["lo"] > 1.0, (op, st)
+        o = g["effects"]["o"]
+        assert o["lo"] > 0, (op, o)
+        assert g["units"] == 6 and st["n_cases"] == 2
+        assert "raises output error" in g["verdict"] and "multiplies state error" in g["verdict"]
+    # chunked prefill stores per-chunk states in bf16 already, so the added error is a fraction
+    # of arm A's: smaller, but the same sign
+    g = _group(beta_run, "twin-fla", "prefill")
+    assert g["effects"]["o"]["mean"] > 0 and g["effects"]["state"]["mean"] > 0
+
+
+def test_beta_quant_raw_gates_use_twin_knob(beta_run):
+    recs = [r for r in beta_run.records if r["op"] == "verify" and r["arm"] == 1]
+    assert recs and all(r["status"] == "ok" and "beta_dtype" in r["mechanism"] for r in recs)
+
+
+def test_pairing_is_real(beta_run):
+    """Both arms of every unit got bit-identical inputs, and those are the unit's materialised inputs."""
+    by = {}
+    for r in beta_run.records:
+        by.setdefault(r["unit"], {})[r["arm"]] = r
+    assert len(by) == len(CASES) * 3
+    seeds = {r["seed"] for r in beta_run.records}
+    assert len(seeds) == len(CASES) * 3  # every case ran with 3 distinct seeds
+    for unit, arms in list(by.items())[:6]:
+        assert arms[0]["digest"] == arms[1]["digest"]
+        case = next(c for c in CASES if c.name == arms[0]["case"])
+        u = case.model_copy(update={"seed": arms[0]["seed"]})
+        assert inputs_digest(materialize(u)) == arms[0]["digest"]
+
+
+def test_mismatched_inputs_are_refused(beta_run):
+    recs = [dict(r) for r in beta_run.records]
+    victim = next(r for r in recs if r["arm"] == 1 and r["status"] == "ok")
+    victim["digest"] = "0" * 16
+    with pytest.raises(RuntimeError, match="different inputs"):
+        ab.summarize(recs, ab.make_switch("beta-quant"))
+
+
+def test_state_dtype_pairs_on_rounded_state():
+    sw = ab.make_switch("state-dtype")
+    r = ab.ArmRunner(sw, "twin-flashinfer", "cpu", VOCAB)
+    u = sw.unit_case(small("decode", 7, state_dtype="bfloat16"), 7)
+    assert u.state_dtype == "float32"
+    a, b = r.run(u, 0), r.run(u, 1)
+    assert a["status"] == b["status"] == "ok"
+    assert a["digest"] == b["digest"]
+    assert b["state"] > 10 * a["state"]  # a bf16 state is far less exact than an fp32 one
+
+
+def test_no_effect_interval_covers_zero():
+    """beta = sigmoid(b >= 20) is 1.0 in fp32 and in bf16: rounding it changes nothing."""
+    cases = [small("prefill", s, gate_dist="beta_one") for s in (11, 12)] + [small("decode", 13, gate_dist="beta_one")]
+    res = ab.ablate([ab.make_switch("beta-quant")], cases, ["twin-flashinfer"], seeds=2, vocab=VOCAB, n_boot=500)
+    assert res.groups
+    for g in res.groups:
+        for k, e in g["effects"].items():
+            assert e["lo"] <= 0 <= e["hi"], (g["op"], k, e)
+        assert "no detectable change in output error" in g["verdict"]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bootstrap_interval(seed):
+    rng = np.random.default_rng(100 + seed)
+    noise = rng.normal(0.0, 1.0, size=(12, 3))
+    null = ab.bootstrap(noise - noise.mean(), n_boot=2000, seed=seed)
+    assert null["lo"] < 0 < null["hi"] and abs(null["mean"]) < 1e-12
+    shifted = ab.bootstrap(noise - noise.mean() + 2.0, n_boot=2000, seed=seed)
+    assert shifted["lo"] > 0
+    # NaN holes (a unit that did not run) are skipped, not counted as zero
+    holed = noise.copy()
+    holed[0, 1:] = np.nan
+    e = ab.bootstrap(holed, n_boot=200, seed=seed)
+    assert e["n_units"] == 34 and e["n_cases"] == 12
+
+
+def test_exp_precision_twin_and_linear_alpha_transform():
+    res = ab.ablate([ab.make_switch("exp-precision")], CASES[:4], ["twin-fla"], seeds=2, vocab=VOCAB, n_boot=500)
+    for op in ("prefill", "decode"):
+        assert _group(res, "twin-fla", op)["effects"]["state"]["lo"] > 0
+    # the transform for an adapter that computes alpha = exp(g) in fp32: it gets the bf16 alpha
+    sw = ab.make_switch("exp-precision")
+    fi = load_backend("flashinfer-prefill")
+    inp = materialize(small("prefill", 21))
+    want = torch.exp(inp.g.to(torch.bfloat16)).float()
+    got, work = sw.transform(inp.clone(), fi, 1)
+    alpha = torch.exp(got.g.float())
+    ulp = torch.finfo(torch.float32).eps * want.abs()
+    assert ((alpha - want).abs() <= 2 * ulp).all() and work
+
+
+def test_expressibility_per_backend():
+    prefill, raw_verify = small("prefill", 1), small("verify", 5, gate_source="raw")
+    ex = lambda sw, spec, u: ab.make_switch(sw).express(load_backend(spec), u)  # noqa: E731
+    assert ex("beta-quant", "flashinfer-prefill", prefill) is None
+    assert ex("beta-quant", "fla-chunk", prefill) is None
+    assert "inside the kernel" in ex("beta-quant", "flashinfer-mtp", raw_verify)
+    assert ex("beta-quant", "twin-flashinfer", raw_verify) is None
+    assert ex("exp-precision", "flashinfer-prefill", prefill) is None
+    assert "log-space g" in ex("exp-precision", "fla-chunk", prefill)
+    assert "inside the kernel" in ex("exp-precision", "flashinfer-decode", small("decode", 3, gate_source="raw"))
+    assert ex("fast-math", "fla-chunk", prefill) is None
+    assert "interpreter" in ex("fast-math", "fla-interp", prefill)
+    assert "FlashInfer" in ex("fast-math", "flashinfer-decode", prefill)
+    assert ex("fast-math", "twin-fla", prefill) is None
+    # case-level switches: the backend's own support decides, for both arms
+    p128, v128 = small("prefill", 1, K=128, V=128), small("verify", 5, gate_source="raw", K=128, V=128)
+    sw = ab.make_switch("gate-source")
+    assert sw.supports(load_backend("flashinfer-prefill"), sw.unit_case(p128, 1)) == \
+        "arm raw gates: flashinfer-prefill does not support gate_source raw"
+    assert sw.supports(load_backend("fla-chunk"), sw.unit_case(p128, 1)) is None
+    sw = ab.make_switch("state-dtype")
+    assert "state_dtype bfloat16" in sw.supports(load_backend("flashinfer-mtp"), sw.unit_case(v128, 5))
+
+
+def test_l2norm_and_gate_source_on_twin():
+    res = ab.ablate([ab.make_switch("l2norm"), ab.make_switch("gate-source")], CASES[:4], ["twin-fla"],
+                    seeds=2, vocab=VOCAB, n_boot=500)
+    l2 = {g["op"]: g for g in res.groups if g["switch"] == "l2norm"}
+    # recurrent decode keeps the normalised q, k in fp32: rounding them to bf16 adds error
+    assert l2["decode"]["effects"]["state"]["lo"] > 0 and l2["decode"]["effects"]["o"]["lo"] > 0
+    # the chunked prefill stores normalised q, k in the input dtype anyway: no effect at all
+    for k, e in l2["prefill"]["effects"].items():
+        assert e["lo"] <= 0 <= e["hi"] and e["mean"] == 0, (k, e)
+    assert {g["switch"] for g in res.groups} == {"l2norm", "gate-source"}
+
+
+def test_fla_interpreter_arm_pair():
+    """A real kernel (FLA fused_recurrent under the Triton interpreter) runs both arms on one unit."""
+    be = load_backend("fla-interp")
+    why = be.available()
+    if why:
+        pytest.fail(f"fla-interp must run in CI: {why}")
+    sw = ab.make_switch("beta-quant")
+    r = ab.ArmRunner(sw, "fla-interp", "cpu", VOCAB)
+    u = sw.unit_case(small("decode", 31, K=16, V=16), 31)
+    a, b = r.run(u, 0), r.run(u, 1)
+    assert a["status"] == b["status"] == "ok", (a, b)
+    assert a["digest"] == b["digest"]
+    assert b["state"] > a["state"]
+    assert "beta rounded to bfloat16" in b["adapter_work"]
+
+
+def test_cli(tmp_path):
+    suite = tmp_path / "tiny.toml"
+    suite.write_text('[defaults]\nH = 1\nHV = 2\nK = 16\nV = 16\n\n'
+                     '[[case]]\nname = "tiny/prefill"\nop = "prefill"\nseqlens = [6, 3]\nseed = 1\n\n'
+                     '[[case]]\nname = "tiny/decode"\nop = "decode"\nseqlens = [1, 1]\nseed = 2\n')
+    app = typer.Typer()
+    ab.register(app)
+
+    @app.command("noop")
+    def _noop() -> None:  # a second command keeps typer in multi-command mode
+        pass
+
+    run = CliRunner().invoke
+    out = tmp_path / "rep"
+    r = run(app, ["ablate", "--beta-quant", "--suite", str(suite), "--backend", "twin-fla", "--seeds", "2",
+                  "--vocab", "1024", "--boot", "300", "--out", str(out), "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "raises" in r.output or "no detectable" in r.output
+    data = json.loads((out / "ablation.json").read_text())
+    assert data["groups"] and data["groups"][0]["effects"]["o"]["lo"] <= data["groups"][0]["effects"]["o"]["hi"]
+    html = (out / "ablation.html").read_text()
+    assert "data:image/png;base64," in html and "<script" not in html
+    assert "## beta-quant" in (out / "ablation.md").read_text()
+    assert run(app, ["ablate", "--suite", str(suite)]).exit_code == 2
+    assert run(app, ["ablate", "--beta-quant", "--beta-dtype", "fp8", "--suite", str(suite)]).exit_code == 2
+
+
+def test_flip_proxy_matches_drift():
+    """The cached fp32 projection picks the same argmaxes as drift.logit_flip_rate's float64 one."""
+    from gdncheck.drift import logit_flip_rate
+
+    g = torch.Generator().manual_seed(5)
+    for D, n in ((2, 16), (6, 32)):
+        ref = torch.randn(40, D, n, generator=g, dtype=torch.float64)
+        o = (ref + 0.05 * torch.randn(40, D, n, generator=g, dtype=torch.float64)).to(torch.bfloat16)
+        ours = (ab.logit_argmax(o, VOCAB) != ab.logit_argmax(ref, VOCAB)).double().mean().item()
+        theirs = logit_flip_rate(o, ref, VOCAB)
+        assert 0 < theirs < 1 and abs(ours - theirs) <= 1 / 40 + 1e-12

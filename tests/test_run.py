@@ -1,0 +1,87 @@
+"""The runner: incremental JSONL, resume, worker isolation (a crash is a result, not a stop)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from gdncheck.cases import Case
+from gdncheck.report.schema import CaseResult, RunHeader
+from gdncheck.run import read_done, run
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def _suite(tmp_path: Path, seeds) -> Path:
+    lines = ["[defaults]", "H = 2", "HV = 4", "K = 16", "V = 16"]
+    for s in seeds:
+        lines += ["[[case]]", 'op = "decode"', "seqlens = [1, 1, 1]", "pool_size = 6",
+                  "read_indices = [4, -1, 2]", f"seed = {s}"]
+        lines += ["[[case]]", 'op = "prefill"', "seqlens = [5, 0, 9]", f"seed = {s}"]
+        lines += ["[[case]]", 'op = "verify"', "seqlens = [3, 3]", "pool_size = 4",
+                  "read_indices = [1, 3]", "intermediate = true", f"seed = {s}"]
+    p = tmp_path / "mini.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p
+
+
+def _results(path: Path):
+    lines = path.read_text().splitlines()
+    header = RunHeader.model_validate_json(lines[0])
+    return header, [CaseResult.model_validate_json(x) for x in lines[1:]]
+
+
+def test_isolated_crash_is_recorded_and_others_survive(tmp_path):
+    suite = _suite(tmp_path, [1, 2])
+    out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r.jsonl",
+              device="cpu", isolate=True, twin_spec=None, progress=False)
+    header, res = _results(out)
+    assert header.backends == ["test-crashy", "test-exact"]
+    by = {(r.backend, r.case.op, r.case.seed): r for r in res}
+    assert len(res) == 12
+    assert by[("test-crashy", "decode", 1)].status == "crash"
+    assert "exit code 77" in by[("test-crashy", "decode", 1)].reason
+    assert by[("test-crashy", "verify", 1)].status == "crash"  # device-fault text counts as a crash
+    # the crashing backend's other cases ran in fresh workers
+    assert by[("test-crashy", "decode", 2)].status == "ok"
+    assert by[("test-crashy", "prefill", 1)].status == "ok"
+    assert len({r.worker for r in res if r.backend == "test-crashy"}) >= 3
+    # the other backend is untouched by its neighbour's crashes
+    assert all(r.status == "ok" and r.contracts.ok for r in res if r.backend == "test-exact")
+
+
+def test_resume_skips_done_pairs_and_repairs_torn_line(tmp_path):
+    suite = _suite(tmp_path, [3, 4])
+    out = tmp_path / "r.jsonl"
+    run([str(suite)], ["crashy_backend:exact"], out, device="cpu", isolate=False, twin_spec=None, progress=False)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 7
+    # simulate a run killed mid-write: two results lost, the last one torn
+    out.write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
+    assert len(read_done(out)) == 3
+    seen = []
+    run([str(suite)], ["crashy_backend:exact"], out, device="cpu", isolate=False, twin_spec=None,
+        progress=False, on_result=seen.append)
+    assert len(seen) == 3  # only the missing pairs ran
+    final = out.read_text().splitlines()
+    assert len(final) == 7
+    assert all(json.loads(x) for x in final)
+    assert {(json.loads(x)["case_id"]) for x in final[1:]} == {json.loads(x)["case_id"] for x in lines[1:]}
+
+
+def test_unsupported_is_a_result(tmp_path):
+    suite = _suite(tmp_path, [5])
+    from crashy_backend import Exact
+
+    class NoPool(Exact):
+        name = "test-nopool"
+
+    NoPool.caps = NoPool.caps.model_copy(update={"pool": False})
+    seen = []
+    import crashy_backend
+    crashy_backend.nopool = NoPool
+    run([str(suite)], ["crashy_backend:nopool"], tmp_path / "r.jsonl", device="cpu", isolate=False,
+        twin_spec=None, progress=False, on_result=seen.append)
+    st = {r.case.op: r for r in seen}
+    assert st["decode"].status == "unsupported" and "pool" in st["decode"].reason
+    assert st["prefill"].status == "ok"

@@ -93,7 +93,10 @@ def test_smoke_is_small_and_covers_every_op():
     cases = load_suite("smoke")
     assert 20 <= len(cases) <= 60
     assert {c.op for c in cases} == {"prefill", "decode", "verify"}
-    assert all(c.K == c.V == 128 and c.HS <= 8 and c.B * c.T <= 128 for c in cases)
+    assert all(c.HS <= 8 and c.B * c.T <= 128 for c in cases)
+    # K = V = 128 for the real kernels, except the small cases FLA's interpreter runs on the CPU
+    assert all(c.K == c.V == 128 or ("interp" in c.tags and c.K == c.V == 32) for c in cases)
+    assert sum("interp" in c.tags for c in cases) >= 4
     assert any(0 in c.seqlens for c in cases if c.op == "prefill")
     assert any(c.padded_rows for c in cases if c.op == "decode")
     assert any(c.intermediate for c in cases if c.op == "verify")

@@ -328,7 +328,7 @@ def to_torch(x: dict, batch: bool):
     return q, k, v, a, b, t(x["A_log"]), t(x["dt_bias"]), t(x["S0"]), cu
 
 
-def flat_tokens(o: torch.Tensor, batch: bool) -> torch.Tensor:
+def flat_tokens(o: torch.Tensor) -> torch.Tensor:
     """``[B, T, ...]`` -> ``[B*T, ...]``: batched sequences lie one after the other, as packed."""
     return o.reshape(-1, *o.shape[2:])
 
@@ -354,11 +354,11 @@ def test_scalar_loop_matches_oracle(c):
                                chunk_size=C)
         fin = res.final_state if lay == "v_last" else res.final_state.transpose(-1, -2)
         inter = res.intermediate if lay == "v_last" else res.intermediate.transpose(-1, -2)
-        assert_rel(flat_tokens(res.o, batch), want_o.view(-1, *res.o.shape[2:]), f"o ({form})")
+        assert_rel(flat_tokens(res.o), want_o.view(-1, *res.o.shape[2:]), f"o ({form})")
         assert_rel(fin, want_fin, f"final_state ({form})")
         if sum(x["lens"]):
             want_inter = torch.tensor(inter_s, dtype=F64)
-            assert_rel(flat_tokens(inter, batch), want_inter, f"intermediate ({form})")
+            assert_rel(flat_tokens(inter), want_inter, f"intermediate ({form})")
 
 
 # ---- pooled, against a scalar model of the pool semantics ---------------------------------

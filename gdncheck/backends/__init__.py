@@ -22,7 +22,10 @@ BUILTIN: dict[str, str] = {
     "fla-recurrent": "gdncheck.backends.fla:FLARecurrent",
     "flashinfer-prefill": "gdncheck.backends.flashinfer:FlashInferPrefill",
     "flashinfer-decode": "gdncheck.backends.flashinfer:FlashInferDecode",
+    "flashinfer-prefill-cp": "gdncheck.backends.flashinfer:prefill_cp",
+    "flashinfer-prefill-chunk": "gdncheck.backends.flashinfer:prefill_chunk",
     "flashinfer-mtp": "gdncheck.backends.flashinfer:FlashInferMTP",
+    "flashinfer-mtp-ssm": "gdncheck.backends.flashinfer:mtp_ssm",
     "sglang": "gdncheck.backends.sglang:SGLangTriton",
 }
 
@@ -36,12 +39,21 @@ def _plugins() -> dict[str, object]:
 
 
 def known_backends() -> list[str]:
+    """Registry and entry-point names (planted faults load as ``fault-<name>``)."""
     return sorted(set(BUILTIN) | set(_plugins()))
 
 
 def load_backend(spec: str) -> Backend:
     """A backend by registry name, entry-point name, or ``package.module:factory``."""
     target = BUILTIN.get(spec)
+    if target is None and spec.startswith("fault-"):
+        from gdncheck.backends.faults import FAULTS
+
+        name = spec.removeprefix("fault-")
+        if name not in FAULTS:
+            raise BackendNotFound(f"unknown planted fault {spec!r}; known: "
+                                  + ", ".join(f"fault-{n}" for n in sorted(FAULTS)))
+        return FAULTS[name]()
     if target is None and spec in _plugins():
         factory = _plugins()[spec].load()
     else:
@@ -63,6 +75,7 @@ def load_backend(spec: str) -> Backend:
 def default_backends(gpu: bool) -> list[str]:
     """Backends ``gdncheck run`` uses when none are named."""
     if gpu:
-        return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent",
-                "flashinfer-prefill", "flashinfer-decode", "flashinfer-mtp", "sglang"]
+        return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent", "flashinfer-prefill",
+                "flashinfer-prefill-cp", "flashinfer-prefill-chunk", "flashinfer-decode",
+                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang"]
     return ["twin-fla", "twin-flashinfer", "fla-interp"]

@@ -360,3 +360,24 @@ class FlashInferMTP(_FlashInferBase):
             path = "mtp.buffer" if c.intermediate else "mtp"
         path += ".bhv_gt128" if B * HV > 128 else ".bhv_le128"  # two kernels split at B*HV = 128
         return Outputs(o=inputs.out, state=pool, intermediate=inter, adapter_work=work, path=path)
+
+
+def prefill_cp() -> FlashInferPrefill:
+    """Prefill forced onto the context-parallel route (``use_cp=True``)."""
+    b = FlashInferPrefill(use_cp=True)
+    b.name = "flashinfer-prefill-cp"
+    return b
+
+
+def prefill_chunk() -> FlashInferPrefill:
+    """Prefill forced onto the direct chunk route (``use_cp=False``)."""
+    b = FlashInferPrefill(use_cp=False)
+    b.name = "flashinfer-prefill-chunk"
+    return b
+
+
+def mtp_ssm() -> FlashInferMTP:
+    """MTP scattering per-token states into pool slots through ``ssm_state_indices``."""
+    b = FlashInferMTP(intermediate_mode="ssm")
+    b.name = "flashinfer-mtp-ssm"
+    return b

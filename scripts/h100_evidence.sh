@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The H100 evidence runs behind reports/h100/. Usage on the GPU machine, from the checkout:
+#   bash scripts/h100_evidence.sh STEP...      (steps below; results kept in $RUNS across calls)
+# Each step logs its exact command and wall time; everything is packed into $OUT/h100.tgz.
+set -uo pipefail
+. scripts/gpu_env.sh
+RUNS=${RUNS:-/tmp/gdn-runs}
+mkdir -p "$RUNS"
+log() { echo "+ $*" | tee -a "$RUNS/commands.txt"; }
+timed() {  # timed NAME CMD...: run, record command, wall time and exit code
+  local name=$1; shift
+  log "$*"
+  local t0=$(date +%s.%N)
+  "$@" > "$RUNS/$name.log" 2>&1
+  local rc=$?
+  local t1=$(date +%s.%N)
+  printf '%s\trc=%s\twall_s=%.1f\t%s\n' "$name" "$rc" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" "$*" | tee -a "$RUNS/timings.tsv"
+  tail -n 25 "$RUNS/$name.log"
+}
+step_env() {
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$RUNS/gpu.txt"
+  python -c "import torch, triton, flashinfer, fla; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'fla', getattr(fla, '__version__', '?'))" >> "$RUNS/gpu.txt" 2>&1
+  cat "$RUNS/gpu.txt"
+}
+step_bench() { timed bench_oracle gdncheck bench oracle --device cuda --json "$RUNS/bench_oracle.json"; }
+step_digests() {
+  for id in $(cat reports/digest_ids.txt); do
+    timed "digest_$id" gdncheck repro "$id" --backend twin-fla --device cuda
+  done
+}
+step_gate_smoke() { timed gate_smoke gdncheck gate --tier smoke --out "$RUNS/gate_smoke" --no-progress; }
+step_smoke_shards() {
+  for i in 0 1; do
+    timed "gate_smoke_shard$i" gdncheck gate --tier smoke --shard $i/2 --gpus 1 --out "$RUNS/smoke_shard$i" --no-progress
+  done
+}
+step_models() { timed models timeout 560 gdncheck run --suite models --out "$RUNS/models" --no-progress --no-render; }
+# The full tier = smoke + models + edges. Its smoke and models parts are the runs above (their
+# wall times add up); this step seeds the gate's results with them and runs what is left (edges).
+step_full() {
+  mkdir -p "$RUNS/full"
+  if [ ! -f "$RUNS/full/results.jsonl" ]; then
+    { head -n 1 "$RUNS/models/results.jsonl"; tail -n +2 "$RUNS/gate_smoke/results.jsonl"; tail -n +2 "$RUNS/models/results.jsonl"; } > "$RUNS/full/results.jsonl"
+  fi
+  timed gate_full timeout 560 gdncheck gate --tier full --out "$RUNS/full" --no-progress --resume
+}
+step_ablate() {
+  timed ablate timeout 400 gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 \
+    --out "$RUNS/ablate"
+}
+step_drift() {
+  timed drift_position timeout 200 gdncheck drift position -b flashinfer-prefill -b fla-chunk --T 16384 --bins 32 \
+    --out "$RUNS/drift"
+  timed drift_rollout timeout 200 gdncheck drift rollout -b flashinfer-decode -b fla-recurrent --steps 1000 --N 8 \
+    --state-dtype float32 --state-dtype bfloat16 --out "$RUNS/drift"
+}
+step_gputests() { timed gpu_tests timeout 300 python -m pytest -q -m gpu tests/test_backends_gpu.py -p no:cacheprovider; }
+for s in "$@"; do echo "=== step $s"; "step_$s"; done
+tar czf "$OUT/h100.tgz" -C "$RUNS" . && ls -la "$OUT"
+cat "$RUNS/timings.tsv"

@@ -47,7 +47,6 @@ import typer
 from gdncheck.backends import Backend, load_backend
 from gdncheck.cases import DTYPES, Case, Inputs, inputs_digest, materialize
 
-F64 = torch.float64
 _SHORT = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
 METRICS = ("o", "state", "intermediate")
 METRIC_NAMES = {"o": "output error", "state": "state error", "intermediate": "intermediate-state error"}
@@ -63,7 +62,6 @@ class Switch:
         name: CLI name (``beta-quant``). title: what arm B does, for verdicts.
         arms: labels of arm A and arm B.
         case_update: per arm, Case fields set on every unit (a case-level switch).
-        twin_knobs: per arm, precision-twin constructor keywords (rounding inside the kernel).
         env: per arm, environment variables the backend process needs (read at import).
         option: the switch's parameter (the dtype of ``beta-quant``).
     """
@@ -72,7 +70,6 @@ class Switch:
     title: str
     arms: tuple[str, str]
     case_update: tuple[dict, dict] = ({}, {})
-    twin_knobs: tuple[dict, dict] = ({}, {})
     env: tuple[dict, dict] = ({}, {})
     option: str | None = None
 
@@ -115,11 +112,9 @@ class Switch:
 
     # ---------------------------------------------------------------- arms
 
-    def make_backend(self, spec: str, backend: Backend, arm: int) -> Backend:
-        """The backend instance of an arm: a twin gets the arm's knobs, anything else is as loaded."""
-        knobs = self.twin_knobs[arm]
-        if knobs and _is_twin(backend):
-            return type(backend)(**knobs)
+    def backend_for(self, backend: Backend, unit: Case, arm: int) -> Backend:
+        """The backend instance of an arm: a precision twin may get a knob (a rounding inside the
+        kernel); any other backend runs as loaded."""
         return backend
 
     def transform(self, inputs: Inputs, backend: Backend, arm: int) -> tuple[Inputs, list[str]]:
@@ -168,9 +163,6 @@ class BetaQuant(Switch):
             return f"inputs.beta rounded to {self.option} before the call"
         return f"twin knob beta_dtype={self.option}"
 
-    def make_backend(self, spec, backend, arm):
-        return backend  # knobs applied per unit below (raw gates only)
-
     def transform(self, inputs, backend, arm):
         if arm == 0:
             return inputs, []
@@ -208,7 +200,7 @@ class ExpPrecision(Switch):
             return "twin knob exp_dtype=bfloat16"
         return "adapter's alpha = exp(g) evaluated in bf16 (g := log(bf16(exp(bf16(g)))))"
 
-    def make_backend(self, spec, backend, arm):
+    def backend_for(self, backend, unit, arm):
         if _is_twin(backend):
             return type(backend)(exp_dtype="bfloat16" if arm else "float32")
         return backend
@@ -263,7 +255,7 @@ class FastMath(Switch):
     def mechanism(self, backend, unit):
         return "twin knob fast_math=True" if _is_twin(backend) else "FLA_USE_FAST_OPS=1 in a fresh process"
 
-    def make_backend(self, spec, backend, arm):
+    def backend_for(self, backend, unit, arm):
         if _is_twin(backend):
             return type(backend)(fast_math=bool(arm))
         return backend
@@ -373,19 +365,14 @@ class ArmRunner:
     """Runs arms of units on one backend spec in this process, caching the reference per unit."""
 
     def __init__(self, switch: Switch, spec: str, device: str, vocab: int = 32768):
-        self.switch, self.spec, self.device, self.vocab = switch, spec, torch.device(device), vocab
+        self.switch, self.spec, self.vocab = switch, spec, vocab
         self.base = load_backend(spec)
+        # CPU-only backends (twins, the interpreter) run on the CPU whatever the run's device
+        self.device = torch.device("cpu" if getattr(self.base.caps, "device", "") == "cpu" else device)
         self._refs: dict[tuple, _Ref] = {}
-        self._backends: dict = {}
 
     def backend(self, unit: Case, arm: int) -> Backend:
-        s = self.switch
-        if isinstance(s, BetaQuant):
-            return s.backend_for(self.base, unit, arm)
-        key = arm
-        if key not in self._backends:
-            self._backends[key] = s.make_backend(self.spec, self.base, arm)
-        return self._backends[key]
+        return self.switch.backend_for(self.base, unit, arm)
 
     def _reference(self, unit: Case, policy: str, zero_length: str) -> _Ref:
         from gdncheck.oracle import expected
@@ -444,9 +431,10 @@ class ArmRunner:
             if k in m and m[k].rel_l2 is not None:
                 rec[k] = m[k].rel_l2
                 rec[k + "_floors"] = m[k].in_floors
+        if con.nan_where_finite:  # errors over the finite part would flatter this arm
+            return {**rec, "status": "nan", "reason": f"{con.nan_where_finite} NaN/Inf where the oracle is finite"}
         o = out.o.to(self.device)[ref.tokens]
         rec["tokens"] = int(o.shape[0])
-        rec["nonfinite"] = con.nan_where_finite
         rec["_o"], rec["_ref"] = o, ref  # flips() takes both arms through the projection at once
         if not defer_flips:
             self.flips([rec])
@@ -591,6 +579,8 @@ def _pct(x: float, digits: int = 1) -> str:
 
 def _ratio_text(x: float) -> str:
     r = 1.0 + x
+    if r >= 1000:  # three significant digits without an exponent
+        return f"×{round(r, 2 - int(math.floor(math.log10(r)))):.0f}"
     return f"×{r:.3g}"
 
 
@@ -773,27 +763,43 @@ def _note_skips(res: AblationResult, sw: Switch, spec: str, recs: list[dict]) ->
 # ============================================================================ output
 
 def table(res: AblationResult):
-    """A rich Table of the groups."""
+    """Rich renderable: one table per switch (rows: backend, op and dtype)."""
+    from rich import box
+    from rich.console import Group
     from rich.table import Table
-
-    t = Table(title=f"gdncheck ablate ({res.device}, {res.seeds} seeds/case)", show_lines=False)
-    for col in ("switch", "backend", "op", "dtype", "cases/units", "Δ output err", "Δ state err", "Δ flips"):
-        t.add_column(col, justify="right" if col.startswith(("Δ", "cases")) else "left")
 
     def cell(e, flips=False):
         if e is None:
             return "-"
-        txt = fmt_effect(e, flips)
+        head, _, ci = fmt_effect(e, flips).removesuffix(" pp").partition(" [")
+        txt = head + "\n[" + ci.replace("%", "")
         if e["lo"] <= 0 <= e["hi"]:
             return f"[dim]{txt}[/dim]"
         return f"[red]{txt}[/red]" if e["mean"] > 0 else f"[green]{txt}[/green]"
 
-    for g in res.groups:
-        e = g["effects"]
-        n = next(iter(e.values()), {}).get("n_cases", "?")
-        t.add_row(g["switch"], g["backend"], g["op"], g["dtype"], f"{n}/{g['units']}", cell(e.get("o")),
-                  cell(e.get("state")), cell(e.get("flips"), True))
-    return t
+    short = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+    tables = []
+    for sw in res.switches:
+        gs = [g for g in res.groups if g["switch"] == sw]
+        if not gs:
+            continue
+        t = Table(title=f"[bold]{sw}[/bold]: {gs[0]['arms'][1]} vs {gs[0]['arms'][0]} "
+                        f"({res.device}, {res.seeds} seeds/case)",
+                  title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        t.add_column("backend", no_wrap=True)
+        t.add_column("op", max_width=7)
+        t.add_column("n", justify="right", no_wrap=True)
+        for col in ("Δ output err", "Δ state err", "Δ flips (pp)"):
+            t.add_column(col, justify="right", min_width=14)
+        for g in gs:
+            e = g["effects"]
+            n = next(iter(e.values()), {}).get("n_cases", "?")
+            t.add_row(g["backend"], f"{g['op']} {short.get(g['dtype'], g['dtype'])}", f"{n}/{g['units']}",
+                      cell(e.get("o")), cell(e.get("state")), cell(e.get("flips"), True))
+        tables.append(t)
+    tables.append("[dim]n = cases/units; mean effect of arm B vs arm A [95% CI]; red: worse, green: better, "
+                  "dim: the interval covers 0[/dim]")
+    return Group(*tables)
 
 
 def _fig_png(fig) -> str:
@@ -814,25 +820,34 @@ def plot_switch(groups: list[dict], switch: str) -> str | None:
     keys = [k for k in (*METRICS, "flips") if any(k in g["effects"] for g in gs)]
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 0.5 + 0.42 * len(gs)), squeeze=False)
     labels = [f"{g['backend']} · {g['op']} · {g['dtype']}" for g in gs]
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
     for ax, k in zip(axes[0], keys):
         flips = k == "flips"
-        for i, g in enumerate(gs):
-            e = g["effects"].get(k)
+        es = [g["effects"].get(k) for g in gs]
+        # errors: percent change, or the ratio B/A on a log axis once some error more than doubles
+        ratio = not flips and any(e and max(e["hi"], -e["lo"]) >= 1.0 for e in es)
+        f = (lambda x: max(1 + x, 1e-3)) if ratio else (lambda x: 100 * x)
+        for i, e in enumerate(es):
             if e is None:
                 continue
             color = "0.5" if e["lo"] <= 0 <= e["hi"] else ("tab:red" if e["mean"] > 0 else "tab:green")
-            # errors as the ratio B/A on a log axis (1 = no effect); flips in percentage points
-            f = (lambda x: 100 * x) if flips else (lambda x: max(1 + x, 1e-3))
             m, lo, hi = f(e["mean"]), f(e["lo"]), f(e["hi"])
             ax.errorbar([m], [i], xerr=[[max(m - lo, 0)], [max(hi - m, 0)]], fmt="o", color=color, capsize=3)
-        ax.axvline(0 if flips else 1, color="k", lw=0.8)
-        if not flips:
+        ax.axvline(1 if ratio else 0, color="k", lw=0.8)
+        if ratio:
             ax.set_xscale("log")
+            vals = [f(x) for e in es if e for x in (e["lo"], e["hi"])]
+            wide = max(vals) / max(min(vals), 1e-3) > 50
+            ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 5.0)))
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"×{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_yticks(range(len(gs)))
         ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(gs), fontsize=8)
         ax.set_ylim(-0.6, len(gs) - 0.4)
         ax.invert_yaxis()
-        ax.set_xlabel("flip-rate change (pp)" if flips else f"{METRIC_NAMES[k]}: B / A")
+        ax.set_xlabel("flip-rate change (pp)" if flips else
+                      f"{METRIC_NAMES[k]}: B / A" if ratio else f"{METRIC_NAMES[k]}: change (%)")
         ax.grid(axis="x", alpha=0.3)
     fig.suptitle(f"{switch}: effect of arm B vs arm A, 95% bootstrap CI", fontsize=10)
     png = _fig_png(fig)

@@ -177,12 +177,12 @@ class Inputs:
         return {f.name: getattr(self, f.name) for f in fields(self)
                 if f.name != "case" and isinstance(getattr(self, f.name), torch.Tensor)}
 
-    def clone(self) -> "Inputs":
-        """Deep copy that keeps each tensor's strides (strided views stay strided)."""
+    def clone(self, device: str | torch.device | None = None) -> "Inputs":
+        """Deep copy, on ``device`` if given, that keeps each tensor's strides (strided views stay strided)."""
         def cp(t):
             if not isinstance(t, torch.Tensor):
                 return t
-            buf = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+            buf = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device or t.device)
             buf.copy_(t)
             return buf
         return Inputs(**{f.name: cp(getattr(self, f.name)) for f in fields(self)})

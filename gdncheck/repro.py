@@ -134,7 +134,10 @@ def run_inputs(backend: Backend, inputs: Inputs, *, twin: Backend | None = None)
     from gdncheck.oracle import expected
     from gdncheck.report.schema import CaseResult
 
+    from gdncheck.run import backend_device
+
     c = inputs.case
+    inputs = inputs.clone(backend_device(backend, inputs.q.device))
     base = dict(case_id=c.id, case=c, backend=backend.name, backend_version=backend.version(),
                 device=str(inputs.q.device), repro=c.repro() + f" --backend {backend.name}")
     reason = backend.available() or backend.supports(c)
@@ -151,7 +154,7 @@ def run_inputs(backend: Backend, inputs: Inputs, *, twin: Backend | None = None)
     twin_out = None
     if twin is not None and twin.name != backend.name and twin.supports(c) is None:
         try:
-            twin_out = twin.run(before.clone())
+            twin_out = twin.run(before.clone(backend_device(twin, before.q.device)))
         except Exception:  # noqa: BLE001 - the twin only refines the floor
             twin_out = None
     m, con = metrics.evaluate(before, out, exp, twin=twin_out)

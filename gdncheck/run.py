@@ -122,12 +122,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def backend_device(backend: Backend, device: str | torch.device) -> torch.device:
+    """Where ``backend`` runs: CPU-only backends (twins, the interpreter) always on the CPU."""
+    return torch.device("cpu") if backend.caps.device == "cpu" else torch.device(device)
+
+
 def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: set | None = None,
              twin: Backend | None = None, worker: str = "") -> CaseResult:
-    """Run one case on one backend and judge it against the oracle. Never raises for kernel errors."""
+    """Run one case on one backend and judge it against the oracle. Never raises for kernel errors.
+
+    The precision twin, when given, reruns the case on the CPU from the same seed (bit-identical
+    inputs) and supplies the ``in_twins`` unit.
+    """
     from gdncheck import metrics  # imported here: heavy, and workers import it once
 
-    dev = torch.device(device)
+    dev = backend_device(backend, device)
     base = dict(case_id=case.id, case=case, backend=backend.name, backend_version=backend.version(),
                 device=str(dev) if dev.type != "cuda" else f"{dev}:{torch.cuda.get_device_name(dev)}",
                 worker=worker, repro=case.repro() + f" --backend {backend.name}")
@@ -169,7 +178,7 @@ def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: se
     twin_out = None
     if twin is not None and twin.name != backend.name and twin.supports(case) is None:
         try:
-            twin_out = twin.run(before.clone())
+            twin_out = twin.run(materialize(case, backend_device(twin, device)))
         except Exception:  # noqa: BLE001 - the twin only refines the floor
             twin_out = None
     m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)

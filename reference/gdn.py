@@ -117,7 +117,9 @@ def _gather(x: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Te
     """``x [B, T, ...]`` -> ``[N, Tmax, ...]`` float64 with zeros at padded positions."""
     flat = x.reshape(-1, *x.shape[2:]).to(F64)
     out = flat[idx]
-    return out * valid.view(*valid.shape, *([1] * (out.dim() - 2)))
+    # where, not a multiply by the mask: 0 * inf = NaN would leak a non-finite token into the
+    # padding of every shorter sequence, and from there into its final state.
+    return torch.where(valid.view(*valid.shape, *([1] * (out.dim() - 2))), out, 0.0)
 
 
 def _scatter(y: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -153,8 +155,9 @@ def _recurrent(q, k, v, g, beta, S, want_inter):
     return o, S, inter_t
 
 
-def _chunked(q, k, v, g, beta, S, want_inter, C):
-    """WY/UT chunked form; same arguments as :func:`_recurrent` plus chunk size ``C``.
+def _chunked(q, k, v, g, beta, S, want_inter, C, scale=1.0, use_qk_l2norm=False):
+    """WY/UT chunked form; same arguments as :func:`_recurrent` plus chunk size ``C``, and the
+    q/k normalisation and q scale, applied chunk by chunk (no ``[T, H, K]`` temporaries).
 
     Per chunk of ``L <= C`` tokens, with ``gamma_t = exp(g_1 + ... + g_t)`` the decay from
     the chunk start and ``Dincl[t, j] = exp(g_{j+1} + ... + g_t)`` for ``j <= t`` (else 0)::
@@ -196,8 +199,11 @@ def _chunked(q, k, v, g, beta, S, want_inter, C):
             )
         not_incl, not_strict, QK, Dsum, Dincl, QKm, A, QKS, R, U, kend = bufs[L]
         # [q; k] for this chunk, each q/k head repeated for its r state heads.
-        QK[:, :, :, :L] = q[:, s:e].transpose(1, 2)[:, :, None]
-        QK[:, :, :, L:] = k[:, s:e].transpose(1, 2)[:, :, None]
+        qc, kc = q[:, s:e], k[:, s:e]
+        if use_qk_l2norm:
+            qc, kc = l2norm(qc), l2norm(kc)
+        QK[:, :, :, :L] = (qc * scale).transpose(1, 2)[:, :, None]
+        QK[:, :, :, L:] = kc.transpose(1, 2)[:, :, None]
         bc = beta[:, s:e].transpose(1, 2)  # [N, HS, L]
         gc = g[:, s:e].transpose(1, 2)  # [N, HS, L]
         gamma = torch.exp(gc.cumsum(-1))
@@ -272,10 +278,9 @@ def gated_delta_rule(
         raise ValueError(f"scale: must be positive and finite, got {scale}")
     dev = q.device
     qf, kf = q.to(F64), k.to(F64)
-    if use_qk_l2norm:
-        qf, kf = l2norm(qf), l2norm(kf)
-        qf.mul_(scale)  # a fresh tensor: scale in place
-    else:
+    if form == "recurrent":
+        if use_qk_l2norm:
+            qf, kf = l2norm(qf), l2norm(kf)
         qf = qf * scale
     vf = v.to(F64)
     gf = torch.clamp(g.to(F64), min=_G_MIN)
@@ -296,7 +301,7 @@ def gated_delta_rule(
     if form == "recurrent":
         o, S, inter = _recurrent(qs, ks, vs, gs, bs, S0, output_intermediate)
     else:
-        o, S, inter = _chunked(qs, ks, vs, gs, bs, S0, output_intermediate, chunk_size)
+        o, S, inter = _chunked(qs, ks, vs, gs, bs, S0, output_intermediate, chunk_size, scale, use_qk_l2norm)
     if cu_seqlens is None:
         o_full, inter_full = o, inter
     else:

@@ -4,6 +4,7 @@
 # Each step logs its exact command and wall time; everything is packed into $OUT/h100.tgz.
 set -uo pipefail
 . scripts/gpu_env.sh
+export MPLBACKEND=Agg
 RUNS=${RUNS:-/tmp/gdn-runs}
 mkdir -p "$RUNS"
 log() { echo "+ $*" | tee -a "$RUNS/commands.txt"; }
@@ -49,12 +50,16 @@ step_ablate() {
     --out "$RUNS/ablate"
 }
 step_drift() {
-  timed drift_position timeout 200 gdncheck drift position -b flashinfer-prefill -b fla-chunk --T 16384 --bins 32 \
+  timed drift_position timeout 200 gdncheck drift position -b flashinfer-prefill -b fla-chunk --T 16384 --bins 32 --vocab 151936 \
     --out "$RUNS/drift"
   timed drift_rollout timeout 200 gdncheck drift rollout -b flashinfer-decode -b fla-recurrent --steps 1000 --N 8 \
-    --state-dtype float32 --state-dtype bfloat16 --out "$RUNS/drift"
+    --state-dtype float32 --state-dtype bfloat16 --vocab 151936 --out "$RUNS/drift"
 }
 step_gputests() { timed gpu_tests timeout 300 python -m pytest -q -m gpu tests/test_backends_gpu.py -p no:cacheprovider; }
-for s in "$@"; do echo "=== step $s"; "step_$s"; done
+# Steps share one time budget so the packing below always runs inside the call's limit.
+export -f log timed gdncheck $(declare -F | awk '/step_/{print $3}')
+export RUNS
+timeout "${BUDGET_S:-540}" bash -c 'for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
+echo "steps ended with rc=$?"
 tar czf "$OUT/h100.tgz" -C "$RUNS" . && ls -la "$OUT"
 cat "$RUNS/timings.tsv"

@@ -207,6 +207,23 @@ def test_inputs_are_not_modified():
     assert res.final_state.data_ptr() != kw0["initial_state"].data_ptr()
 
 
+@pytest.mark.parametrize("form", ["recurrent", "chunked"])
+def test_non_finite_token_stays_in_its_sequence(form):
+    """An inf in the first packed token must not reach the other (shorter) sequences."""
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(1, 7, 1, 4, generator=gen, dtype=F64)
+    v = torch.randn(1, 7, 1, 4, generator=gen, dtype=F64)
+    v[0, 0, 0, 0] = float("inf")
+    g, beta = -torch.rand(1, 7, 1, generator=gen, dtype=F64), torch.rand(1, 7, 1, generator=gen, dtype=F64)
+    cu = torch.tensor([0, 5, 7])
+    res = gated_delta_rule(q, q, v, g, beta, cu_seqlens=cu, use_qk_l2norm=True, form=form, chunk_size=4,
+                           output_intermediate=True)
+    alone = gated_delta_rule(q[:, 5:], q[:, 5:], v[:, 5:], g[:, 5:], beta[:, 5:], use_qk_l2norm=True, form=form)
+    assert torch.isfinite(res.final_state[1]).all() and torch.isfinite(res.o[0, 5:]).all()
+    assert_rel(res.final_state[1], alone.final_state[0], "final_state of the clean sequence")
+    assert_rel(res.o[0, 5:], alone.o[0], "o of the clean sequence")
+
+
 # --------------------------------------------------------------------------------------
 # An independent scalar model, in plain Python floats
 # --------------------------------------------------------------------------------------

@@ -1,20 +1,35 @@
-"""Hypothesis profiles: ``dev`` (default), ``ci`` (derandomized, no example database; loaded
-when the ``CI`` environment variable is set) and ``nightly`` (many more examples; select it
-with ``pytest --hypothesis-profile=nightly``)."""
+"""Test setup: Hypothesis profiles and, on multi-GPU hosts, one GPU per xdist worker.
+
+Profiles (``dev``, ``ci``, ``nightly``) are defined once in :mod:`gdncheck.strategies`;
+``GDNCHECK_PROFILE`` picks one, else ``ci`` under ``$CI``, else ``dev``. ``pytest
+--hypothesis-profile=nightly`` works as well.
+"""
 import os
 
-from hypothesis import HealthCheck, settings
+import pytest
 
-_common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("dev", max_examples=25, **_common)
-settings.register_profile("ci", max_examples=25, derandomize=True, database=None, **_common)
-settings.register_profile("nightly", max_examples=1000, **_common)
-settings.load_profile("ci" if os.environ.get("CI") else "dev")
-
-# The profiles' single source is gdncheck.strategies (same names; GDNCHECK_PROFILE, else CI, else dev).
-from gdncheck.strategies import load_profile  # noqa: E402
+from gdncheck.strategies import load_profile
 
 load_profile()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread_per_worker():
+    """xdist runs one worker per core; intra-op threads on top oversubscribe the cores, and
+    OpenMP's spin-waits then slowed the small-tensor tests ~10x on a loaded 2-core machine.
+    Subprocesses (worker isolation, --gpus fan-out) inherit the setting, so their float64
+    reductions split like the parent's and results compare bit for bit."""
+    import torch
+
+    n, env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(n)
+    if env is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = env
 
 
 # pytest-xdist on a multi-GPU host: worker gwK runs on GPU K % n. Set before torch initialises

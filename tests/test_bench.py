@@ -2,18 +2,10 @@
 import math
 
 import pytest
-import torch
 
 from gdncheck.bench import bench_oracle, environment
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's scheduling."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_bench_oracle_tiny_cpu():

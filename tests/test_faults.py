@@ -16,14 +16,6 @@ from gdncheck.oracle import expected
 from gdncheck_reference import OUT_CALLER, ROW_UNTOUCHED, ROW_WRITTEN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """xdist runs one worker per core; intra-op threads on top oversubscribe the cores and
-    OpenMP's spin-waits then slowed these tests ~10x on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _bits(t):

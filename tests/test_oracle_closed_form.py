@@ -31,13 +31,6 @@ from gdncheck_reference import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's scheduling."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 FORMS = [("recurrent", 64), ("chunked", 4), ("chunked", 64)]
 HEADS = [(1, 1), (2, 4), (2, 6), (4, 2), (3, 1)]
 

@@ -37,13 +37,6 @@ from gdncheck_reference import (
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's scheduling."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 RTOL = 1e-12
 # (H, HV): MHA, GVA r = 2 and 3 (scaled-down and the real 16/32, 16/48), GQA r = 2 and 3.
 HEADS = [(1, 1), (2, 4), (2, 6), (1, 3), (16, 32), (16, 48), (4, 2), (6, 2), (3, 1)]

@@ -3,9 +3,7 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 
-from gdncheck.cases import Case
 from gdncheck.report.schema import CaseResult, RunHeader
 from gdncheck.run import read_done, run
 

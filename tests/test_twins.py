@@ -23,14 +23,6 @@ from gdncheck.oracle import expected
 from gdncheck_reference import OUT_CALLER, OUT_ORACLE, ROW_UNTOUCHED, ROW_WRITTEN
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """xdist runs one worker per core; intra-op threads on top oversubscribe the cores and
-    OpenMP's spin-waits then slowed these tests ~10x on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 EPS32 = torch.finfo(torch.float32).eps

@@ -6,6 +6,8 @@ under the entry-point group ``gdncheck.backends``.
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from importlib.metadata import entry_points
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
@@ -62,6 +64,8 @@ def load_backend(spec: str) -> Backend:
             raise BackendNotFound(f"unknown backend {spec!r}; known: {', '.join(known_backends())}, "
                                   "or give package.module:factory")
         mod, _, attr = target.partition(":")
+        if os.getcwd() not in sys.path:  # a plugin in the working directory, as `python -m` finds it
+            sys.path.append(os.getcwd())
         try:
             factory = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:

@@ -115,7 +115,7 @@ class _FLABase(Backend):
     def run(self, inputs: Inputs) -> Outputs:
         c = inputs.case
         work: list[str] = []
-        N, HS = c.N, c.HS
+        N = c.N
         sshape = tuple(inputs.state.shape[1:])
         pool = inputs.state
         if c.pool_size is None:

@@ -18,7 +18,6 @@ Padding policies (what index -1 does) differ per path; see each class and :meth:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _pkg_version

@@ -55,7 +55,7 @@ def markdown(summary: dict, drift: list | None = None) -> str:
     if summary["failures"]:
         lines += [f"## Failures ({len(summary['failures'])})", ""]
         for c in summary["failures"][:50]:
-            lines += [f"- **{_case_label(c)}**: {c['failure']}", "", f"  ```", f"  {c['repro']}", "  ```", ""]
+            lines += [f"- **{_case_label(c)}**: {c['failure']}", "", "  ```", f"  {c['repro']}", "  ```", ""]
         if len(summary["failures"]) > 50:
             lines += [f"... and {len(summary['failures']) - 50} more (summary.json).", ""]
     if summary["worst"]:

@@ -170,7 +170,7 @@ def bench_oracle(
         for T in Ts:
             x = _inputs(T, shp, dev, seed)
 
-            def run(form):
+            def run(form, x=x):
                 return lambda: gated_delta_rule(**x, use_qk_l2norm=True, form=form, chunk_size=chunk_size)
 
             n_rec = recurrent_repeats

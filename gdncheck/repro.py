@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from gdncheck.backends.base import Backend, Outputs
+from gdncheck.backends.base import Backend
 from gdncheck.cases import Case, Inputs, SuiteError, inputs_digest, list_suites, load_suite, materialize
 
 BUNDLE_TENSORS = "inputs.safetensors"
@@ -124,43 +124,13 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> In
 # ---------------------------------------------------------------- running
 
 def run_inputs(backend: Backend, inputs: Inputs, *, twin: Backend | None = None):
-    """Run ``backend`` on a copy of ``inputs`` and judge it.
+    """Run ``backend`` on a copy of ``inputs`` and judge it (see :func:`gdncheck.run.run_inputs`).
 
     Returns ``(CaseResult, Outputs | None)``; never raises for kernel errors.
     """
-    import traceback
+    from gdncheck.run import run_inputs as _run
 
-    from gdncheck import metrics
-    from gdncheck.oracle import expected
-    from gdncheck.report.schema import CaseResult
-
-    from gdncheck.run import backend_device
-
-    c = inputs.case
-    inputs = inputs.clone(backend_device(backend, inputs.q.device))
-    base = dict(case_id=c.id, case=c, backend=backend.name, backend_version=backend.version(),
-                device=str(inputs.q.device), repro=c.repro() + f" --backend {backend.name}")
-    reason = backend.available() or backend.supports(c)
-    if reason:
-        return CaseResult(status="unsupported", reason=reason, **base), None
-    policy = backend.policy(c)
-    before = inputs.clone()
-    try:
-        out: Outputs = backend.run(inputs.clone())
-    except Exception as e:  # noqa: BLE001 - reported, not raised
-        return CaseResult(status="error", reason=f"{type(e).__name__}: {e}"[:2000], policy=policy,
-                          extra={"traceback": traceback.format_exc(limit=6)}, **base), None
-    exp = expected(before, policy, backend.zero_length_policy)
-    twin_out = None
-    if twin is not None and twin.name != backend.name and twin.supports(c) is None:
-        try:
-            twin_out = twin.run(before.clone(backend_device(twin, before.q.device)))
-        except Exception:  # noqa: BLE001 - the twin only refines the floor
-            twin_out = None
-    m, con = metrics.evaluate(before, out, exp, twin=twin_out)
-    status = "nan" if con.nan_where_finite else "ok"
-    return CaseResult(status=status, path=out.path, policy=policy, adapter_work=out.adapter_work,
-                      metrics=m, contracts=con, **base), out
+    return _run(backend, inputs, twin=twin)
 
 
 __all__ = ["ReproError", "SuiteError", "find_case", "save_bundle", "load_bundle", "run_inputs", "materialize"]

@@ -25,8 +25,8 @@ from typing import Iterable
 
 import torch
 
-from gdncheck.backends import Backend, load_backend
-from gdncheck.cases import Case, load_suite, materialize
+from gdncheck.backends import Backend, Outputs, load_backend
+from gdncheck.cases import Case, Inputs, load_suite, materialize
 from gdncheck.oracle import expected
 from gdncheck.report.schema import CaseResult, Environment, RunHeader, Timing
 
@@ -129,24 +129,46 @@ def backend_device(backend: Backend, device: str | torch.device) -> torch.device
 
 def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: set | None = None,
              twin: Backend | None = None, worker: str = "") -> CaseResult:
-    """Run one case on one backend and judge it against the oracle. Never raises for kernel errors.
+    """Run one case on one backend and judge it against the oracle. Never raises for kernel errors."""
+    dev = backend_device(backend, device)
+    reason = backend.available() or backend.supports(case) or too_large(case, dev)
+    if reason:
+        return CaseResult(status="unsupported", reason=reason, **_base(backend, case, dev, worker))
+    try:
+        inputs = materialize(case, dev)
+    except Exception as e:  # noqa: BLE001 - e.g. out of device memory: a result, not a stop
+        return CaseResult(status="error", reason=f"materialize: {type(e).__name__}: {e}"[:2000],
+                          **_base(backend, case, dev, worker))
+    return run_inputs(backend, inputs, seen_keys=seen_keys, twin=twin, worker=worker)[0]
 
-    The precision twin, when given, reruns the case on the CPU from the same seed (bit-identical
-    inputs) and supplies the ``in_twins`` unit.
+
+def _base(backend: Backend, case: Case, dev: torch.device, worker: str) -> dict:
+    return dict(case_id=case.id, case=case, backend=backend.name, backend_version=backend.version(),
+                device=str(dev) if dev.type != "cuda" else f"{dev}:{torch.cuda.get_device_name(dev)}",
+                worker=worker, repro=case.repro() + f" --backend {backend.name}")
+
+
+def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None, twin: Backend | None = None,
+               worker: str = "") -> tuple[CaseResult, Outputs | None]:
+    """Run ``backend`` on ``inputs`` (moved to its device; built by :func:`materialize` or loaded
+    from a repro bundle) and judge the outputs. Returns the result and the outputs (None on error).
+
+    On the first call of a new compile key (``seen_keys``) the kernel runs once more on a copy,
+    and the difference of the two times is reported as compile time. The precision twin, when
+    given, reruns the same inputs on its own device and supplies the ``in_twins`` unit.
     """
     from gdncheck import metrics  # imported here: heavy, and workers import it once
 
-    dev = backend_device(backend, device)
-    base = dict(case_id=case.id, case=case, backend=backend.name, backend_version=backend.version(),
-                device=str(dev) if dev.type != "cuda" else f"{dev}:{torch.cuda.get_device_name(dev)}",
-                worker=worker, repro=case.repro() + f" --backend {backend.name}")
-    reason = backend.available() or backend.supports(case) or too_large(case, dev)
+    case = inputs.case
+    dev = backend_device(backend, inputs.q.device)
+    base = _base(backend, case, dev, worker)
+    reason = backend.available() or backend.supports(case)
     if reason:
-        return CaseResult(status="unsupported", reason=reason, **base)
+        return CaseResult(status="unsupported", reason=reason, **base), None
     policy = backend.policy(case)
     timing = Timing()
     try:
-        inputs = materialize(case, dev)
+        inputs = inputs.clone(dev)
         before = inputs.clone()
         key = compile_key(backend, case)
         first = seen_keys is not None and key not in seen_keys
@@ -170,7 +192,7 @@ def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: se
         text = f"{type(e).__name__}: {e}".strip()
         fatal = any(s in text for s in _FATAL)
         return CaseResult(status="crash" if fatal else "error", reason=text[:2000], policy=policy,
-                          timing=timing, extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base)
+                          timing=timing, extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base), None
     t0 = time.perf_counter()
     exp = expected(before, policy, backend.zero_length_policy, device=dev)
     _sync(dev)
@@ -178,13 +200,13 @@ def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: se
     twin_out = None
     if twin is not None and twin.name != backend.name and twin.supports(case) is None:
         try:
-            twin_out = twin.run(materialize(case, backend_device(twin, device)))
+            twin_out = twin.run(before.clone(backend_device(twin, dev)))
         except Exception:  # noqa: BLE001 - the twin only refines the floor
             twin_out = None
     m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)
     status = "nan" if contracts.nan_where_finite else "ok"
     return CaseResult(status=status, path=out.path, policy=policy, adapter_work=out.adapter_work,
-                      metrics=m, contracts=contracts, timing=timing, **base)
+                      metrics=m, contracts=contracts, timing=timing, **base), out
 
 
 # ---------------------------------------------------------------- worker processes

@@ -37,6 +37,19 @@ def _import_fla():
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 
 
+def _import_problem() -> str | None:
+    """Why triton or fla cannot be imported here, or None."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not importable: {e}"
+    try:
+        _import_fla()
+    except ImportError as e:
+        return f"fla (fla-core) is not importable: {e}"
+    return None
+
+
 def _fla_version() -> str:
     try:
         return _pkg_version("fla-core")
@@ -71,14 +84,9 @@ class _FLABase(Backend):
     def available(self) -> str | None:
         if os.environ.get("TRITON_INTERPRET") == "1":
             return "TRITON_INTERPRET=1 is set in this process (Triton would interpret, not compile)"
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return f"triton is not importable: {e}"
-        try:
-            _import_fla()
-        except ImportError as e:
-            return f"fla (fla-core) is not importable: {e}"
+        why = _import_problem()
+        if why:
+            return why
         if not torch.cuda.is_available():
             return "no CUDA device"
         return None
@@ -194,15 +202,7 @@ class FLAInterpreter(_FLABase):
         if "fla" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             return "fla was imported in this process without TRITON_INTERPRET=1"
         os.environ["TRITON_INTERPRET"] = "1"
-        try:
-            import triton  # noqa: F401
-        except ImportError as e:
-            return f"triton is not importable: {e}"
-        try:
-            _import_fla()
-        except ImportError as e:
-            return f"fla (fla-core) is not importable: {e}"
-        return None
+        return _import_problem()
 
     def supports(self, case: Case) -> str | None:
         why = super().supports(case)

@@ -46,6 +46,7 @@ import typer
 
 from gdncheck.backends import Backend, load_backend
 from gdncheck.cases import DTYPES, Case, Inputs, inputs_digest, materialize
+from gdncheck.drift import logit_argmax
 
 _SHORT = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
 METRICS = ("o", "state", "intermediate")
@@ -295,52 +296,6 @@ SWITCH_NAMES = ("beta-quant", "exp-precision", "state-dtype", "gate-source", "l2
 
 # ============================================================================ one arm
 
-_PROJ_CACHE: dict = {}
-_PROJ_CACHE_BYTES = 3 << 29  # 1.5 GiB: fits a 4096-wide output (HV = 32, V = 128) x 32k vocab
-
-
-def _projection(D: int, vocab: int, seed: int, block: int, dev: torch.device) -> list[torch.Tensor]:
-    """Blocks ``[D, block]`` fp32 of :func:`gdncheck.drift.logit_flip_rate`'s projection (same
-    generator seeds, same ``1/sqrt(D)`` scale), cached per width up to a memory budget."""
-    key = (D, vocab, seed, block, str(dev))
-    if key in _PROJ_CACHE:
-        _PROJ_CACHE[key] = _PROJ_CACHE.pop(key)  # most recent last
-        return _PROJ_CACHE[key]
-    blocks = []
-    for i, start in enumerate(range(0, vocab, block)):
-        w = min(block, vocab - start)
-        gen = torch.Generator(device=dev).manual_seed(seed * 1_000_003 + i)
-        blocks.append(torch.randn(D, w, generator=gen, device=dev, dtype=torch.float32) / math.sqrt(D))
-    size = D * vocab * 4
-    if size <= _PROJ_CACHE_BYTES:
-        while _PROJ_CACHE and size + sum(k[0] * k[1] * 4 for k in _PROJ_CACHE) > _PROJ_CACHE_BYTES:
-            _PROJ_CACHE.pop(next(iter(_PROJ_CACHE)))
-        _PROJ_CACHE[key] = blocks
-    return blocks
-
-
-def logit_argmax(x: torch.Tensor, vocab: int = 32768, *, seed: int = 0, block: int = 8192) -> torch.Tensor:
-    """``argmax(flatten(x) @ W)`` per row ``[n]``, ``W`` the fixed projection of ``drift.logit_flip_rate``.
-
-    The product is taken in fp32 (drift's in float64): its rounding (~1e-7 relative) is far below
-    the bf16-sized output differences being compared, and the paired arms share one reference.
-
-    Args:
-        x: ``[n, ...]`` one row per token, any float dtype.
-    """
-    n = x.shape[0]
-    dev = x.device
-    a = x.reshape(n, -1).to(torch.float32)
-    arg = torch.zeros(n, dtype=torch.int64, device=dev)
-    if n == 0:
-        return arg
-    best = torch.full((n,), -math.inf, dtype=torch.float32, device=dev)
-    for i, W in enumerate(_projection(a.shape[1], vocab, seed, block, dev)):
-        val, idx = (a @ W).max(dim=1)
-        upd = val > best
-        best[upd] = val[upd]
-        arg[upd] = idx[upd] + i * block
-    return arg
 
 
 def _live_tokens(inputs: Inputs, o_class: torch.Tensor) -> torch.Tensor:

@@ -220,12 +220,12 @@ def test_cli(tmp_path):
 
 def test_flip_proxy_matches_drift():
     """The cached fp32 projection picks the same argmaxes as drift.logit_flip_rate's float64 one."""
-    from gdncheck.drift import logit_flip_rate
+    from gdncheck.drift import logit_argmax, logit_flip_rate
 
     g = torch.Generator().manual_seed(5)
     for D, n in ((2, 16), (6, 32)):
         ref = torch.randn(40, D, n, generator=g, dtype=torch.float64)
         o = (ref + 0.05 * torch.randn(40, D, n, generator=g, dtype=torch.float64)).to(torch.bfloat16)
-        ours = (ab.logit_argmax(o, VOCAB) != ab.logit_argmax(ref, VOCAB)).double().mean().item()
+        ours = (logit_argmax(o, VOCAB) != logit_argmax(ref, VOCAB)).double().mean().item()
         theirs = logit_flip_rate(o, ref, VOCAB)
         assert 0 < theirs < 1 and abs(ours - theirs) <= 1 / 40 + 1e-12

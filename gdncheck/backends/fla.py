@@ -31,8 +31,15 @@ _MAX_K = 256  # FLA's head-dim limit (one block along K)
 
 
 def _import_fla():
-    """Import FLA's GDN ops without letting FLA dispatch to another installed package."""
+    """Import FLA's GDN ops without letting FLA dispatch to another installed package.
+
+    Triton's autotune choices are cached on disk (``TRITON_CACHE_AUTOTUNING=1`` unless the user
+    set it): a block configuration picked once is reused by later processes on the machine, so
+    repeated runs (gate vs baseline) time nothing again and compute with the same configuration.
+    It is read when FLA's kernels are decorated, hence before the import.
+    """
     os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
     return chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
 

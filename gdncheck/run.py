@@ -88,7 +88,7 @@ def _flashinfer_version() -> str | None:
 
 
 def compile_key(backend: Backend, case: Case) -> tuple:
-    """Cases with equal keys reuse one compiled kernel (KERNELS.md §3: T, heads, scale, dtypes)."""
+    """Cases with equal keys reuse one compiled kernel (T, heads, dims, dtypes, layout, scale are compile-time)."""
     fn = getattr(backend, "compile_key", None)
     if fn is not None:
         return tuple(fn(case))

@@ -83,3 +83,23 @@ def test_unsupported_is_a_result(tmp_path):
     st = {r.case.op: r for r in seen}
     assert st["decode"].status == "unsupported" and "pool" in st["decode"].reason
     assert st["prefill"].status == "ok"
+
+
+def test_report_gives_time_by_backend_with_compiles_apart(tmp_path):
+    """The runner times a new compile key's first call apart from the run; the report sums both."""
+    from gdncheck.report.io import load_results
+    from gdncheck.report.render import markdown
+    from gdncheck.report.summary import summarize
+
+    suite = _suite(tmp_path, [6, 7])
+    out = run([str(suite)], ["crashy_backend:exact"], tmp_path / "r.jsonl", device="cpu", isolate=False,
+              twin_spec=None, progress=False)
+    header, res = load_results(out)
+    keys = {(r.case.op, r.case.T) for r in res}  # the default compile key differs by op and T here
+    assert sum(r.timing.compile_s is not None for r in res) == len(keys)
+    assert all(r.timing.run_s is not None and r.timing.oracle_s is not None for r in res)
+    s = summarize(header, res)
+    (tm,) = s["timing"]
+    assert tm["cases_run"] == len(res) and tm["compile_keys"] == len(keys)
+    assert abs(tm["run_s"] - sum(r.timing.run_s for r in res)) < 1e-9
+    assert "## Time by backend" in markdown(s)

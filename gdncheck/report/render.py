@@ -52,6 +52,15 @@ def markdown(summary: dict, drift: list | None = None) -> str:
                      f"| {c['error']} | {c['nan']} | {c['crash']} | {_stat(g['o'])} | {_stat(g['state'])} "
                      f"| {_stat(g['intermediate'])} |")
     lines.append("")
+    if summary.get("timing"):
+        lines += ["## Time by backend", "",
+                  "Compile: first call of each new compile key (T, heads, dims, dtypes, layout, scale) minus its run time.", "",
+                  "| backend | cases run | compile keys | compile s | kernel run s | oracle s |",
+                  "|---|--:|--:|--:|--:|--:|"]
+        for tm in summary["timing"]:
+            lines.append(f"| {tm['backend']} | {tm['cases_run']} | {tm['compile_keys']} | {tm['compile_s']:.1f} "
+                         f"| {tm['run_s']:.2f} | {tm['oracle_s']:.1f} |")
+        lines.append("")
     if summary["failures"]:
         lines += [f"## Failures ({len(summary['failures'])})", ""]
         for c in summary["failures"][:50]:

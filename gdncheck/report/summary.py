@@ -80,7 +80,8 @@ def _worst(rs: list[CaseResult], n: int) -> list[dict]:
 
 def summarize(header: RunHeader, results: list[CaseResult], *, worst: int = 5) -> dict:
     """Summary of a run: totals, per (backend, op, dtype) counts and in_floors statistics
-    (median / p99 / max of o, state, intermediate), failures and worst cases with repro lines."""
+    (median / p99 / max of o, state, intermediate), per-backend time (kernel compiles apart from
+    kernel runs and the oracle), failures and worst cases with repro lines."""
     groups: dict[tuple, list[CaseResult]] = defaultdict(list)
     for r in results:
         groups[group_key(r)].append(r)
@@ -94,6 +95,19 @@ def summarize(header: RunHeader, results: list[CaseResult], *, worst: int = 5) -
             g[t] = _stats([r.metrics[t].in_floors for r in rs if t in r.metrics])
         g["worst"] = _worst(rs, worst)
         out_groups.append(g)
+    timing = []
+    by_backend: dict[str, list[CaseResult]] = defaultdict(list)
+    for r in results:
+        by_backend[r.backend].append(r)
+    for backend, rs in sorted(by_backend.items()):
+        ran = [r for r in rs if r.timing.run_s is not None]
+        timing.append({
+            "backend": backend, "cases_run": len(ran),
+            "compile_keys": sum(r.timing.compile_s is not None for r in rs),
+            "compile_s": sum(r.timing.compile_s or 0.0 for r in rs),
+            "run_s": sum(r.timing.run_s or 0.0 for r in rs),
+            "oracle_s": sum(r.timing.oracle_s or 0.0 for r in rs),
+        })
     totals = {s: sum(r.status == s for r in results) for s in STATUSES}
     totals.update(cases=len(results), fail=sum(outcome(r) == "fail" for r in results),
                   passed=sum(outcome(r) == "pass" for r in results))
@@ -101,7 +115,7 @@ def summarize(header: RunHeader, results: list[CaseResult], *, worst: int = 5) -
         "schema_version": SCHEMA_VERSION, "kind": "summary", "run_id": header.run_id,
         "suites": header.suites, "backends": header.backends,
         "environment": header.environment.model_dump(exclude_none=True),
-        "totals": totals, "groups": out_groups,
+        "totals": totals, "groups": out_groups, "timing": timing,
         "failures": [case_line(r) for r in results if outcome(r) == "fail"],
         "worst": _worst(results, 10),
     }

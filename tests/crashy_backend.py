@@ -1,5 +1,7 @@
-"""Test-only plugin backends for the runner: one that kills its process, one that raises."""
+"""Test-only plugin backends for the runner (one that kills its process, one that raises) and a
+small suite builder shared by the runner and gate tests."""
 import os
+from pathlib import Path
 
 from gdncheck.backends import Backend, Capabilities, Outputs
 from gdncheck.oracle import expected
@@ -39,3 +41,18 @@ def exact() -> Exact:
 
 def crashy() -> Crashy:
     return Crashy()
+
+
+def mini_suite(tmp_path: Path, seeds=(1, 2)) -> Path:
+    """A suite TOML of three small cases per seed (padded decode pool, varlen prefill with a
+    zero-length sequence, verify with intermediate states), written to ``tmp_path/mini.toml``."""
+    lines = ["[defaults]", "H = 2", "HV = 4", "K = 16", "V = 16"]
+    for s in seeds:
+        lines += ["[[case]]", 'op = "decode"', "seqlens = [1, 1, 1]", "pool_size = 6",
+                  "read_indices = [4, -1, 2]", f"seed = {s}"]
+        lines += ["[[case]]", 'op = "prefill"', "seqlens = [5, 0, 9]", f"seed = {s}"]
+        lines += ["[[case]]", 'op = "verify"', "seqlens = [3, 3]", "pool_size = 4",
+                  "read_indices = [1, 3]", "intermediate = true", f"seed = {s}"]
+    p = tmp_path / "mini.toml"
+    p.write_text("\n".join(lines) + "\n")
+    return p

@@ -15,6 +15,8 @@ from gdncheck.report.schema import CaseResult, Contracts, Environment, RunHeader
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from crashy_backend import mini_suite as _suite  # noqa: E402
+
 EXACT = "crashy_backend:exact"  # the oracle rounded to the kernel dtypes (tests/crashy_backend.py)
 FAULTY = "gdncheck.backends.faults:FinalStateNotWritten"
 
@@ -47,19 +49,6 @@ def _budgets(tmp_path, text: str, defaults=False) -> G.Budgets:
     p = tmp_path / "b.toml"
     p.write_text(text)
     return G.load_budgets([p], defaults=defaults)
-
-
-def _suite(tmp_path: Path, seeds=(1, 2)) -> Path:
-    lines = ["[defaults]", "H = 2", "HV = 4", "K = 16", "V = 16"]
-    for s in seeds:
-        lines += ["[[case]]", 'op = "decode"', "seqlens = [1, 1, 1]", "pool_size = 6",
-                  "read_indices = [4, -1, 2]", f"seed = {s}"]
-        lines += ["[[case]]", 'op = "prefill"', "seqlens = [5, 0, 9]", f"seed = {s}"]
-        lines += ["[[case]]", 'op = "verify"', "seqlens = [3, 3]", "pool_size = 4",
-                  "read_indices = [1, 3]", "intermediate = true", f"seed = {s}"]
-    p = tmp_path / "mini.toml"
-    p.write_text("\n".join(lines) + "\n")
-    return p
 
 
 def _gate(*args):

@@ -3,37 +3,19 @@ import json
 import sys
 from pathlib import Path
 
-
-from gdncheck.report.schema import CaseResult, RunHeader
+from gdncheck.report.io import load_results
 from gdncheck.run import read_done, run
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-
-def _suite(tmp_path: Path, seeds) -> Path:
-    lines = ["[defaults]", "H = 2", "HV = 4", "K = 16", "V = 16"]
-    for s in seeds:
-        lines += ["[[case]]", 'op = "decode"', "seqlens = [1, 1, 1]", "pool_size = 6",
-                  "read_indices = [4, -1, 2]", f"seed = {s}"]
-        lines += ["[[case]]", 'op = "prefill"', "seqlens = [5, 0, 9]", f"seed = {s}"]
-        lines += ["[[case]]", 'op = "verify"', "seqlens = [3, 3]", "pool_size = 4",
-                  "read_indices = [1, 3]", "intermediate = true", f"seed = {s}"]
-    p = tmp_path / "mini.toml"
-    p.write_text("\n".join(lines) + "\n")
-    return p
-
-
-def _results(path: Path):
-    lines = path.read_text().splitlines()
-    header = RunHeader.model_validate_json(lines[0])
-    return header, [CaseResult.model_validate_json(x) for x in lines[1:]]
+from crashy_backend import mini_suite as _suite  # noqa: E402
 
 
 def test_isolated_crash_is_recorded_and_others_survive(tmp_path):
     suite = _suite(tmp_path, [1, 2])
     out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r.jsonl",
               device="cpu", isolate=True, twin_spec=None, progress=False)
-    header, res = _results(out)
+    header, res = load_results(out)
     assert header.backends == ["test-crashy", "test-exact"]
     by = {(r.backend, r.case.op, r.case.seed): r for r in res}
     assert len(res) == 12
@@ -87,7 +69,6 @@ def test_unsupported_is_a_result(tmp_path):
 
 def test_report_gives_time_by_backend_with_compiles_apart(tmp_path):
     """The runner times a new compile key's first call apart from the run; the report sums both."""
-    from gdncheck.report.io import load_results
     from gdncheck.report.render import markdown
     from gdncheck.report.summary import summarize
 

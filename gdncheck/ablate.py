@@ -608,13 +608,14 @@ class AblationResult:
     skipped: list[dict] = field(default_factory=list)  # {switch, backend, status, reason, units}
     records: list[dict] = field(default_factory=list)
     wall_s: float = 0.0
+    jobs: int = 1  # worker processes
 
     def to_json(self) -> dict:
         from gdncheck.run import environment
         env = environment().model_dump()
         return {"kind": "ablation", "schema_version": 1, "switches": self.switches, "backends": self.backends,
                 "device": self.device, "suites": self.suites, "seeds_per_case": self.seeds,
-                "wall_s": round(self.wall_s, 2), "environment": env, "groups": self.groups,
+                "jobs": self.jobs, "wall_s": round(self.wall_s, 2), "environment": env, "groups": self.groups,
                 "skipped": self.skipped, "records": self.records}
 
 
@@ -638,38 +639,26 @@ def units_for(switch: Switch, cases: list[Case], seeds: int) -> list[tuple[Case,
 
 def ablate(switches: list[Switch], cases: list[Case], backend_specs: list[str], *, device: str = "cpu",
            seeds: int = 3, vocab: int = 32768, n_boot: int = 2000, suites: list[str] | None = None,
-           progress=None, after=None) -> AblationResult:
+           progress=None, after=None, jobs: int = 1) -> AblationResult:
     """Run every switch on every backend over ``cases`` x ``seeds``; both arms per unit.
 
     ``progress(switch, spec, unit)`` is called per unit; ``after(result, switch, spec)`` after
     each (switch, backend), with the groups of finished switches (e.g. to write a partial report).
+    ``jobs > 1`` spreads the units over that many worker processes (:func:`_ablate_parallel`);
+    the result is the same as with one.
     """
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
-    res = AblationResult([s.name for s in switches], list(backend_specs), device, suites or [], seeds)
+    res = AblationResult([s.name for s in switches], list(backend_specs), device, suites or [], seeds, jobs=jobs)
+    if jobs > 1:
+        return _ablate_parallel(res, t0, switches, cases, backend_specs, device, seeds, vocab, n_boot,
+                                progress, after, jobs)
     for sw in switches:
         units = units_for(sw, cases, seeds)
         recs: list[dict] = []
         for spec in backend_specs:
-            runner = ArmRunner(sw, spec, device, vocab)
-            be = runner.base
-            proc_arms = [arm for arm in (0, 1) if isinstance(sw, FastMath) and sw.needs_process(be, arm)
-                         and runner.base.available() is None]
-            mine: list[dict] = []
-            if proc_arms:
-                mine += [runner.run(u, 0, o) for u, o in units]
-                todo = [(u, o) for (u, o), r in zip(units, mine) if r.get("status") == "ok"]
-                if todo:
-                    mine += _in_process_with_env(sw, spec, device, vocab, todo, 1, dict(sw.env[1]))
-            else:
-                for u, o in units:
-                    r0 = runner.run(u, 0, o, defer_flips=True)
-                    pair = [r0]
-                    if r0.get("status") == "ok":
-                        pair.append(runner.run(u, 1, o, defer_flips=True))
-                    runner.flips(pair)
-                    mine += pair
-                    if progress:
-                        progress(sw.name, spec, u)
+            mine = _run_spec(sw, spec, device, vocab, units, progress)
             recs += mine
             _note_skips(res, sw, spec, mine)
             if after:
@@ -679,6 +668,40 @@ def ablate(switches: list[Switch], cases: list[Case], backend_specs: list[str], 
         res.groups += summarize(recs, sw, n_boot=n_boot)
     res.wall_s = time.perf_counter() - t0
     return res
+
+
+def _run_spec(sw: Switch, spec: str, device: str, vocab: int, units: list[tuple[Case, str]],
+              progress=None) -> list[dict]:
+    """Records of every unit of one (switch, backend spec), in this process (arm B of a
+    :class:`FastMath` switch on a real FLA kernel in a process of its own)."""
+    runner = ArmRunner(sw, spec, device, vocab)
+    if _needs_own_env(sw, runner.base):
+        mine = [runner.run(u, 0, o) for u, o in units]
+        todo = [(u, o) for (u, o), r in zip(units, mine) if r.get("status") == "ok"]
+        if todo:
+            mine += _in_process_with_env(sw, spec, device, vocab, todo, 1, dict(sw.env[1]))
+        return mine
+    mine = []
+    for u, o in units:
+        mine += _unit_pair(runner, u, o)
+        if progress:
+            progress(sw.name, spec, u)
+    return mine
+
+
+def _needs_own_env(sw: Switch, backend: Backend) -> bool:
+    return (isinstance(sw, FastMath) and any(sw.needs_process(backend, arm) for arm in (0, 1))
+            and backend.available() is None)
+
+
+def _unit_pair(runner: ArmRunner, u: Case, origin: str) -> list[dict]:
+    """Arm A, then arm B when A ran; flips of both in one projection pass."""
+    r0 = runner.run(u, 0, origin, defer_flips=True)
+    pair = [r0]
+    if r0.get("status") == "ok":
+        pair.append(runner.run(u, 1, origin, defer_flips=True))
+    runner.flips(pair)
+    return pair
 
 
 def _in_process_with_env(sw, spec, device, vocab, units, arm, env) -> list[dict]:
@@ -694,15 +717,186 @@ def _in_process_with_env(sw, spec, device, vocab, units, arm, env) -> list[dict]
             try:
                 return fut.result()
             except Exception as e:  # noqa: BLE001 - a dead worker is a result for every unit
-                return [{"unit": u.id, "base": o, "case": u.name or u.id, "seed": u.seed, "arm": arm, "op": u.op,
-                         "dtype": u.dtype, "backend": spec, "status": "error",
-                         "reason": f"worker: {type(e).__name__}: {e}"[:500]} for u, o in units]
+                return _worker_errors(units, arm, spec, e)
     finally:
         for k, v in old.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _worker_errors(units: list[tuple[Case, str]], arm: int, spec: str, e: BaseException) -> list[dict]:
+    """One error record per unit whose worker process died or raised."""
+    return [{"unit": u.id, "base": o, "case": u.name or u.id, "seed": u.seed, "arm": arm, "op": u.op,
+             "dtype": u.dtype, "backend": spec, "status": "error",
+             "reason": f"worker: {type(e).__name__}: {e}"[:500]} for u, o in units]
+
+
+# ---------------------------------------------------------------- worker processes
+
+def compile_key(unit: Case) -> tuple:
+    """Fields of an (arm-A) unit that select a compiled kernel: units sharing it share one task."""
+    return (unit.op, unit.H, unit.HV, unit.K, unit.V, unit.dtype, unit.state_dtype, unit.layout, unit.gate_source)
+
+
+@dataclass
+class _Task:
+    """Units ``ks`` (indices into ``units_for``) of switch ``i`` on backend spec ``j``.
+
+    ``whole``: all units through :func:`_run_spec` (a FastMath arm that needs its own environment).
+    """
+
+    i: int
+    j: int
+    ks: list[int]
+    whole: bool = False
+
+
+_RUNNERS: dict[tuple, ArmRunner] = {}  # per worker process: loaded backends keep their compiled kernels
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _task_units(sw: Switch, spec: str, device: str, vocab: int, units_json: list[tuple[str, str]]) -> list[list[dict]]:
+    """Worker entry: each unit's records (``[arm A]`` or ``[arm A, arm B]``), as the one-process path makes them."""
+    key = (repr(sw), spec, device, vocab)
+    if key not in _RUNNERS:
+        _RUNNERS[key] = ArmRunner(sw, spec, device, vocab)
+    runner = _RUNNERS[key]
+    try:
+        return [_unit_pair(runner, Case.model_validate_json(u), o) for u, o in units_json]
+    finally:
+        runner._refs.clear()  # a reference serves the two arms of one unit; the next task has others
+        if torch.cuda.is_available() and torch.cuda.memory_reserved() > 2 << 30:
+            torch.cuda.empty_cache()  # hand a big task's memory back to the workers sharing the GPU
+
+
+def _task_spec(sw: Switch, spec: str, device: str, vocab: int, units_json: list[tuple[str, str]]) -> list[dict]:
+    """Worker entry: :func:`_run_spec` on every unit of one (switch, backend spec)."""
+    return _run_spec(sw, spec, device, vocab, [(Case.model_validate_json(u), o) for u, o in units_json])
+
+
+def _make_tasks(switches: list[Switch], specs: list[str], units: list[list[tuple[Case, str]]]) -> list[_Task]:
+    """Tasks in start order: most units first (compiles dominate, so the longest go first), then (i, j, k)."""
+    tasks = []
+    for i, sw in enumerate(switches):
+        own_env = isinstance(sw, FastMath)
+        for j, spec in enumerate(specs):
+            if not units[i]:
+                continue
+            if own_env and _needs_own_env(sw, load_backend(spec)):
+                tasks.append(_Task(i, j, list(range(len(units[i]))), whole=True))
+                continue
+            groups: dict[tuple, list[int]] = {}
+            for k, (u, _) in enumerate(units[i]):
+                groups.setdefault(compile_key(u), []).append(k)
+            tasks += [_Task(i, j, ks) for ks in groups.values()]
+    return sorted(tasks, key=lambda t: (-len(t.ks), t.i, t.j, t.ks[0]))
+
+
+def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cases: list[Case], specs: list[str],
+                     device: str, seeds: int, vocab: int, n_boot: int, progress, after, jobs: int) -> AblationResult:
+    """:func:`ablate` over ``jobs`` worker processes, one task (units of one compile key) at a time each.
+
+    Each worker is a one-process pool of its own, so a worker that dies is charged to exactly
+    the task it was running (its units become error records) and only that worker is replaced.
+    Records are reassembled in the one-process order, so summaries and skips are identical.
+    """
+    import multiprocessing as mp
+    from collections import deque
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    units = [units_for(sw, cases, seeds) for sw in switches]
+    tasks = deque(_make_tasks(switches, specs, units))
+    # per (i, j): records per unit index, or the whole list of a `whole` task
+    per_unit: dict[tuple[int, int], dict[int, list[dict]]] = {}
+    whole: dict[tuple[int, int], list[dict]] = {}
+    left = {(i, j): 0 for i in range(len(switches)) for j in range(len(specs))}
+    for t in tasks:
+        left[t.i, t.j] += 1
+    finished = [0]  # switches whose records, skips and groups are in `res`, in order
+
+    def finalize_ready() -> None:
+        while finished[0] < len(switches) and all(left[finished[0], j] == 0 for j in range(len(specs))):
+            i = finished[0]
+            sw, recs = switches[i], []
+            for j, spec in enumerate(specs):
+                mine = whole.get((i, j))
+                if mine is None:
+                    got = per_unit.get((i, j), {})
+                    mine = [r for k in range(len(units[i])) for r in got[k]]
+                recs += mine
+                _note_skips(res, sw, spec, mine)
+            res.records += recs
+            res.groups += summarize(recs, sw, n_boot=n_boot)
+            finished[0] += 1
+
+    ctx = mp.get_context("spawn")
+    # a share of the cores each, and never more than this process uses (OMP_NUM_THREADS, a caller's cap)
+    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
+    lanes: list[ProcessPoolExecutor | None] = [None] * min(jobs, len(tasks))
+    running: dict = {}  # future -> (lane, task)
+
+    def submit(lane: int, t: _Task) -> None:
+        sw, spec = switches[t.i], specs[t.j]
+        args = (sw, spec, device, vocab, [(units[t.i][k][0].model_dump_json(), units[t.i][k][1]) for k in t.ks])
+        for attempt in (0, 1):  # a worker that died between tasks breaks its pool before this submit
+            if lanes[lane] is None:
+                lanes[lane] = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init,
+                                                  initargs=(threads,))
+            try:
+                running[lanes[lane].submit(_task_spec if t.whole else _task_units, *args)] = (lane, t)
+                return
+            except BrokenProcessPool:
+                lanes[lane].shutdown(wait=False)
+                lanes[lane] = None
+                if attempt:
+                    raise
+
+    try:
+        for lane in range(len(lanes)):
+            submit(lane, tasks.popleft())
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in done:
+                lane, t = running.pop(fut)
+                sw, spec = switches[t.i], specs[t.j]
+                my_units = [units[t.i][k] for k in t.ks]
+                try:
+                    out = fut.result()
+                except Exception as e:  # noqa: BLE001 - a dead or failing worker is a result for its units
+                    if isinstance(e, BrokenProcessPool):
+                        lanes[lane].shutdown(wait=False)
+                        lanes[lane] = None
+                    out = _worker_errors(my_units, 0, spec, e)
+                    if not t.whole:
+                        out = [[r] for r in out]
+                if t.whole:
+                    whole[t.i, t.j] = out
+                else:
+                    per_unit.setdefault((t.i, t.j), {}).update(zip(t.ks, out))
+                if progress:
+                    for u, _ in my_units:
+                        progress(sw.name, spec, u)
+                left[t.i, t.j] -= 1
+                if tasks:
+                    submit(lane, tasks.popleft())
+                if left[t.i, t.j] == 0:
+                    finalize_ready()
+                    if after:
+                        res.wall_s = time.perf_counter() - t0
+                        after(res, sw.name, spec)
+    finally:
+        for ex in lanes:
+            if ex is not None:
+                ex.shutdown(wait=not running, cancel_futures=True)
+    finalize_ready()  # a (switch, spec) with no units has no task
+    res.wall_s = time.perf_counter() - t0
+    return res
 
 
 def _note_skips(res: AblationResult, sw: Switch, spec: str, recs: list[dict]) -> None:
@@ -815,10 +1009,14 @@ def _esc(s: str) -> str:
     return html.escape(str(s))
 
 
+def _jobs_text(res: AblationResult) -> str:
+    return f" with {res.jobs} worker processes" if res.jobs > 1 else ""
+
+
 def markdown(res: AblationResult) -> str:
     lines = ["# gdncheck ablate", "",
              f"Device `{res.device}`, suites {', '.join(res.suites) or '-'}, {res.seeds} seeds per case, "
-             f"backends {', '.join(res.backends)}; {res.wall_s:.1f} s.", "",
+             f"backends {', '.join(res.backends)}; {res.wall_s:.1f} s{_jobs_text(res)}.", "",
              "Effect = arm B vs arm A on the same inputs (paired by digest), mean over cases of the "
              "per-unit relative error change `rel_l2(B)/rel_l2(A) - 1`, and the change of the argmax-flip "
              "rate (percentage points); 95% percentile bootstrap over cases, then seeds.", ""]
@@ -856,7 +1054,8 @@ def markdown(res: AblationResult) -> str:
 def html_report(res: AblationResult) -> str:
     md = markdown(res)
     body = [f"<h1>gdncheck ablate</h1><p>Device <code>{_esc(res.device)}</code>, "
-            f"{res.seeds} seeds per case, backends {_esc(', '.join(res.backends))}; {res.wall_s:.1f} s.</p>"]
+            f"{res.seeds} seeds per case, backends {_esc(', '.join(res.backends))}; {res.wall_s:.1f} s"
+            f"{_esc(_jobs_text(res))}.</p>"]
     for sw in res.switches:
         gs = [g for g in res.groups if g["switch"] == sw]
         body.append(f"<h2>{_esc(sw)}</h2>")
@@ -910,6 +1109,8 @@ def register(app) -> None:
         vocab: Annotated[int, typer.Option(help="width of the logit projection for argmax flips")] = 32768,
         boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
         progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+        jobs: Annotated[int, typer.Option("--jobs", "-j",
+                                          help="worker processes (kernels compile in parallel; one GPU is shared)")] = 1,
     ) -> None:
         """Measure what a rounding choice does: both arms on the same cases and seeds, effect with a 95% CI."""
         from rich.console import Console
@@ -923,6 +1124,8 @@ def register(app) -> None:
             raise usage_error("ablate: name at least one switch (" + ", ".join("--" + s for s in SWITCH_NAMES) + ")")
         if seeds < 1 or vocab < 2 or boot < 100:
             raise usage_error("ablate: --seeds >= 1, --vocab >= 2, --boot >= 100")
+        if jobs < 1:
+            raise usage_error(f"ablate: --jobs must be >= 1, got {jobs}")
         try:
             switches = [make_switch(n, beta_dtype if n == "beta-quant" else None) for n in chosen]
         except ValueError as e:
@@ -947,7 +1150,7 @@ def register(app) -> None:
             write_report(r, out)
 
         res = ablate(switches, cases, specs, device=device, seeds=seeds, vocab=vocab, n_boot=boot,
-                     suites=suites, progress=tick, after=after)
+                     suites=suites, progress=tick, after=after, jobs=jobs)
         Console().print(table(res))
         for g in res.groups:
             Console().print("• " + g["verdict"])

@@ -65,6 +65,7 @@ def run_cmd(
     shard: Annotated[Optional[str], typer.Option(help="run shard i/n of the pairs")] = None,
     render: Annotated[bool, typer.Option("--render/--no-render", help="render the report when done")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="worker processes side by side on the device (kernels compile in parallel)")] = 1,
 ) -> None:
     """Run suites x backends against the float64 oracle (CPU default: twins + FLA interpreter on `smoke`)."""
     from gdncheck.cases import SuiteError
@@ -81,7 +82,9 @@ def run_cmd(
     results = out / "results.jsonl"
     try:
         run(suites, specs, results, device=device, isolate=isolate, resume=resume,
-            shard=parse_shard(shard), progress=progress)
+            shard=parse_shard(shard), progress=progress, jobs=jobs)
+    except ValueError as e:
+        raise usage_error(str(e)) from None
     except SuiteError as e:
         raise usage_error(str(e)) from None
     err.print(f"results: {results}")

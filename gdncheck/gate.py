@@ -621,6 +621,7 @@ def register(app) -> None:
         regress_factor: Annotated[float, typer.Option(help="fail when a budgeted metric grows by more than this")] = 1.5,
         shard: Annotated[Optional[str], typer.Option(help="run shard i/n of the tier")] = None,
         gpus: Annotated[str, typer.Option(help="'auto' or N: one process per GPU, each a shard, then merge")] = "auto",
+        jobs: Annotated[int, typer.Option("--jobs", "-j", help="worker processes per GPU (kernels compile in parallel)")] = 1,
         out: Annotated[Path, typer.Option(help="directory: results.jsonl, gate.json, gate.md")] = Path("runs/gate"),
         device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when present")] = None,
         require: Annotated[Optional[list[str]], typer.Option("--require", help="backend that must be available and run (repeatable)")] = None,
@@ -638,7 +639,7 @@ def register(app) -> None:
         con = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
         try:
             code = _gate(tier, suite, backend, budgets or [], baseline, regress_factor, shard, gpus, out, device,
-                         require or [], results, kill_table_, seeds, resume, judge_, progress, con)
+                         require or [], results, kill_table_, seeds, resume, judge_, progress, con, jobs)
         except GateConfigError as e:
             con.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
             code = EXIT_USAGE
@@ -665,13 +666,15 @@ def _check_backends(specs: list[str], require: list[str], device: str) -> None:
 
 
 def _gate(tier, suite, backend, budget_files, baseline, regress_factor, shard, gpus, out, device, require,
-          results, kill, seeds, resume, judge_, progress, con) -> int:
+          results, kill, seeds, resume, judge_, progress, con, jobs: int = 1) -> int:
     from gdncheck.cli import parse_shard
     from gdncheck.run import default_device
 
     budgets = load_budgets(budget_files)  # config errors first, before any work
     if regress_factor <= 1.0:
         raise GateConfigError(f"--regress-factor must be > 1, got {regress_factor}")
+    if jobs < 1:
+        raise GateConfigError(f"--jobs must be >= 1, got {jobs}")
     out = Path(out)
     device = device or default_device()
     if device.startswith("cuda"):
@@ -724,18 +727,21 @@ def _gate(tier, suite, backend, budget_files, baseline, regress_factor, shard, g
             argv = sum((["--suite", s] for s in suites), []) + sum((["--backend", b] for b in specs), [])
             argv += sum((["--budgets", str(p)] for p in budget_files), []) + ["--device", "cuda"]
             argv += ["--resume"] if resume else []
+            argv += ["--jobs", str(jobs)]
             con.print(f"gate: {n} shards on GPUs {gpu_ids[:n]}")
             merge_shards(_fan_out(argv, n, gpu_ids, out), res_path)
         else:
-            run(suites, specs, res_path, device=device, resume=resume, shard=sh, progress=progress)
-        con.print(f"gate: ran {len(planned)} pairs in {time.perf_counter() - t0:.1f} s -> {res_path}")
+            run(suites, specs, res_path, device=device, resume=resume, shard=sh, progress=progress, jobs=jobs)
+        wall = time.perf_counter() - t0
+        con.print(f"gate: ran {len(planned)} pairs in {wall:.1f} s ({jobs} job{'s' * (jobs > 1)}) -> {res_path}")
         res = [r for r in load_results(res_path, "results") if (r.case_id, r.backend) in planned]
     if not judge_:
         return EXIT_OK
     v = decide(res, budgets, require=require, baseline=baseline_results, regress_factor=regress_factor)
     print_verdict(v, con)
     write_verdict(v, out, {"suites": suites, "results": str(res_path), "budgets": budgets.files,
-                           "baseline": str(baseline) if baseline else None, "shard": shard})
+                           "baseline": str(baseline) if baseline else None, "shard": shard,
+                           "jobs": jobs, "wall_s": None if results is not None else round(wall, 1)})
     con.print(f"verdict: {out / 'gate.json'}, {out / 'gate.md'}")
     return v.exit_code
 

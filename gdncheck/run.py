@@ -15,6 +15,7 @@ import platform
 import shlex
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import uuid
@@ -130,6 +131,7 @@ def backend_device(backend: Backend, device: str | torch.device) -> torch.device
 def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: set | None = None,
              twin: Backend | None = None, worker: str = "") -> CaseResult:
     """Run one case on one backend and judge it against the oracle. Never raises for kernel errors."""
+    t0 = time.perf_counter()
     dev = backend_device(backend, device)
     reason = backend.available() or backend.supports(case) or too_large(case, dev)
     if reason:
@@ -139,7 +141,9 @@ def run_case(backend: Backend, case: Case, *, device: str = "cpu", seen_keys: se
     except Exception as e:  # noqa: BLE001 - e.g. out of device memory: a result, not a stop
         return CaseResult(status="error", reason=f"materialize: {type(e).__name__}: {e}"[:2000],
                           **_base(backend, case, dev, worker))
-    return run_inputs(backend, inputs, seen_keys=seen_keys, twin=twin, worker=worker)[0]
+    res = run_inputs(backend, inputs, seen_keys=seen_keys, twin=twin, worker=worker)[0]
+    res.timing.wall_s = time.perf_counter() - t0
+    return res
 
 
 def _base(backend: Backend, case: Case, dev: torch.device, worker: str) -> dict:
@@ -211,77 +215,128 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
 
 # ---------------------------------------------------------------- worker processes
 
-def _worker_main(conn, backend_spec: str, device: str, twin_spec: str | None, worker: str) -> None:
-    """Worker loop: receives case JSON, sends CaseResult JSON; exits on None."""
-    backend = load_backend(backend_spec)
-    twin = load_backend(twin_spec) if twin_spec else None
-    seen: set = set()
+def _worker_main(conn, device: str, worker: str, threads: int | None) -> None:
+    """Worker loop: receives ``(backend spec, twin spec, case JSON)``, sends CaseResult JSON; exits on None.
+
+    Backends load once per spec and keep their compiled kernels; ``threads`` caps torch's CPU
+    threads so that parallel workers do not oversubscribe the cores (twins and floors run there).
+    """
+    if threads:
+        torch.set_num_threads(threads)
+    backends: dict[str | None, Backend | None] = {None: None}
+    seen: dict[str, set] = {}
     while True:
         msg = conn.recv()
         if msg is None:
             break
-        case = Case.model_validate_json(msg)
-        res = run_case(backend, case, device=device, seen_keys=seen, twin=twin, worker=worker)
+        spec, twin_spec, case_json = msg
+        for s in (spec, twin_spec):
+            if s not in backends:
+                backends[s] = load_backend(s)
+        case = Case.model_validate_json(case_json)
+        res = run_case(backends[spec], case, device=device, seen_keys=seen.setdefault(spec, set()),
+                       twin=backends[twin_spec], worker=worker)
         conn.send(res.model_dump_json())
         if res.status == "crash":
             break  # the CUDA context may be poisoned; the parent starts a fresh worker
+        if torch.cuda.is_available() and torch.cuda.memory_reserved() > 2 << 30:
+            torch.cuda.empty_cache()  # hand a big case's memory back to the other workers
 
 
-@dataclass
-class _Worker:
-    proc: mp.Process
-    conn: object
+class Lane:
+    """A worker process that runs cases of any backend; replaced after a crash or a timeout."""
 
-
-class IsolatedBackend:
-    """Runs a backend's cases in a worker process that is replaced after a crash."""
-
-    def __init__(self, spec: str, device: str, twin_spec: str | None, timeout_s: float = 900.0):
-        self.spec, self.device, self.twin_spec, self.timeout_s = spec, device, twin_spec, timeout_s
+    def __init__(self, device: str, name: str = "lane", timeout_s: float = 900.0, threads: int | None = None):
+        self.device, self.name, self.timeout_s, self.threads = device, name, timeout_s, threads
         self._ctx = mp.get_context("spawn")
-        self._w: _Worker | None = None
+        self._proc: mp.Process | None = None
+        self._conn = None
         self._n = 0
 
-    def _start(self) -> _Worker:
+    def _start(self) -> None:
         parent, child = self._ctx.Pipe()
         self._n += 1
-        p = self._ctx.Process(target=_worker_main, daemon=True,
-                              args=(child, self.spec, self.device, self.twin_spec, f"{self.spec}#{self._n}@{self.device}"))
-        p.start()
+        self._proc = self._ctx.Process(target=_worker_main, daemon=True,
+                                       args=(child, self.device, f"{self.name}#{self._n}@{self.device}", self.threads))
+        self._proc.start()
         child.close()
-        return _Worker(p, parent)
+        self._conn = parent
 
-    def run(self, case: Case, base_result: dict) -> CaseResult:
-        if self._w is None or not self._w.proc.is_alive():
-            self._w = self._start()
-        w = self._w
+    def run(self, spec: str, twin_spec: str | None, case: Case, base_result: dict) -> CaseResult:
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
         try:
-            w.conn.send(case.model_dump_json())
-            if w.conn.poll(self.timeout_s):
-                res = CaseResult.model_validate_json(w.conn.recv())
+            self._conn.send((spec, twin_spec, case.model_dump_json()))
+            if self._conn.poll(self.timeout_s):
+                res = CaseResult.model_validate_json(self._conn.recv())
                 if res.status == "crash":
                     self.close()
                 return res
             reason = f"timeout after {self.timeout_s:.0f} s"
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            w.proc.join(5)
-            reason = f"worker died (exit code {w.proc.exitcode})"
+            self._proc.join(5)
+            reason = f"worker died (exit code {self._proc.exitcode})"
         self.close(kill=True)
         return CaseResult(status="crash", reason=reason, **base_result)
 
     def close(self, kill: bool = False) -> None:
-        if self._w is None:
+        if self._proc is None:
             return
-        w, self._w = self._w, None
+        p, conn, self._proc, self._conn = self._proc, self._conn, None, None
         try:
-            if not kill and w.proc.is_alive():
-                w.conn.send(None)
-                w.proc.join(10)
+            if not kill and p.is_alive():
+                conn.send(None)
+                p.join(10)
         except (BrokenPipeError, OSError):
             pass
-        if w.proc.is_alive():
-            w.proc.kill()
-            w.proc.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+
+
+class IsolatedBackend:
+    """Runs one backend's cases in a :class:`Lane` of its own."""
+
+    def __init__(self, spec: str, device: str, twin_spec: str | None, timeout_s: float = 900.0):
+        self.spec, self.twin_spec = spec, twin_spec
+        self._lane = Lane(device, spec, timeout_s)
+
+    def run(self, case: Case, base_result: dict) -> CaseResult:
+        return self._lane.run(self.spec, self.twin_spec, case, base_result)
+
+    def close(self, kill: bool = False) -> None:
+        self._lane.close(kill)
+
+
+# A case whose device memory (float64 oracle pools, chunked intermediates, the kernel's copies)
+# is estimated above this runs in the lane for big cases, one at a time, so parallel workers
+# cannot exhaust the device together.
+BIG_CASE_BYTES = 12 << 30
+
+
+def case_bytes(case: Case) -> int:
+    """Rough device bytes of one case: pools in float64 (input, expected, copies) and token tensors."""
+    rows = case.pool_size if case.pool_size is not None else case.N
+    state = rows * case.HS * case.K * case.V
+    tokens = case.T * case.HS * (case.K + case.V)
+    return 8 * (4 * state + 8 * tokens)
+
+
+def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
+    """Pairs in work units for parallel lanes, in start order.
+
+    A unit is one backend's cases of one compile key (compiled once, in one process); big cases
+    (:data:`BIG_CASE_BYTES`) form one unit of their own so that they run one at a time. Longest
+    units start first: the big ones, then by the backend's compile hint and case count.
+    """
+    big = [(b, c) for b, c in pairs if case_bytes(c) > BIG_CASE_BYTES]
+    units: dict[tuple, list] = {}
+    for b, c in pairs:
+        if case_bytes(c) <= BIG_CASE_BYTES:
+            units.setdefault((b.name, repr(compile_key(b, c))), []).append((b, c))
+    order = sorted(units.values(), key=lambda u: (-(u[0][0].compile_hint_s + 0.05 * len(u)), u[0][0].name,
+                                                  repr(compile_key(u[0][0], u[0][1]))))
+    return ([big] if big else []) + order
 
 
 # ---------------------------------------------------------------- the run
@@ -333,12 +388,22 @@ def plan(suites: list[str], backends: list[Backend], shard: tuple[int, int] | No
 
 def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str | None = None,
         isolate: bool | None = None, resume: bool = True, shard: tuple[int, int] | None = None,
-        twin_spec: str | None = "auto", progress: bool = True, on_result=None) -> Path:
-    """Run ``suites`` x ``backend_specs``, appending results to ``out`` (JSONL). Returns ``out``."""
+        twin_spec: str | None = "auto", progress: bool = True, on_result=None, jobs: int = 1) -> Path:
+    """Run ``suites`` x ``backend_specs``, appending results to ``out`` (JSONL). Returns ``out``.
+
+    ``jobs > 1`` runs that many worker processes side by side on ``device`` (implies isolation):
+    each takes whole compile-key units (:func:`schedule`), so kernels compile in parallel and
+    each compiles once. A case that runs out of device memory beside the others is rerun alone
+    at the end. Kernel and compile times of parallel workers overlap and include contention.
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     device = device or default_device()
-    isolate = (device.startswith("cuda")) if isolate is None else isolate
+    isolate = (device.startswith("cuda") or jobs > 1) if isolate is None else isolate
+    if jobs > 1 and not isolate:
+        raise ValueError("jobs > 1 runs worker processes: it cannot be combined with isolate=False")
     backends = [load_backend(s) for s in backend_specs]
     pairs = plan(suites, backends, shard)
     out = Path(out)
@@ -351,46 +416,100 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
     header_needed = not out.exists() or out.stat().st_size == 0
     specs = dict(zip([b.name for b in backends], backend_specs))
     twins: dict[str, Backend | None] = {}
-    runners: dict[str, IsolatedBackend] = {}
     seen_keys: dict[str, set] = {b.name: set() for b in backends}
+    lock = threading.Lock()
 
     def twin_for(b: Backend) -> str | None:
         if twin_spec == "auto":
             return b.twin
         return twin_spec
 
+    def base_of(b: Backend, c: Case) -> dict:
+        return dict(case_id=c.id, case=c, backend=b.name, backend_version=b.version(),
+                    device=device, repro=c.repro() + f" --backend {b.name}")
+
     with out.open("a") as f:
         if header_needed:
             hdr = RunHeader(run_id=uuid.uuid4().hex[:12], suites=suites, backends=[b.name for b in backends],
                             environment=environment(c.seed for _, c in pairs),
-                            shard=f"{shard[0]}/{shard[1]}" if shard else None)
+                            shard=f"{shard[0]}/{shard[1]}" if shard else None, jobs=jobs)
             f.write(hdr.model_dump_json() + "\n")
             f.flush()
         cols = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("{task.fields[last]}"))
         with Progress(*cols, disable=not progress, transient=False) as bar:
             task = bar.add_task("gdncheck run", total=len(todo), last="")
-            try:
-                for b, c in todo:
-                    tname = twin_for(b)
-                    if isolate:
-                        r = runners.get(b.name)
-                        if r is None:
-                            r = runners[b.name] = IsolatedBackend(specs[b.name], device, tname)
-                        base = dict(case_id=c.id, case=c, backend=b.name, backend_version=b.version(),
-                                    device=device, repro=c.repro() + f" --backend {b.name}")
-                        res = r.run(c, base)
-                    else:
-                        if tname not in twins:
-                            twins[tname] = load_backend(tname) if tname else None
-                        res = run_case(b, c, device=device, seen_keys=seen_keys[b.name], twin=twins[tname],
-                                       worker=f"pid{os.getpid()}@{device}")
+
+            def record(b: Backend, c: Case, res: CaseResult) -> None:
+                with lock:
                     f.write(res.model_dump_json() + "\n")
                     f.flush()
                     if on_result is not None:
                         on_result(res)
                     bar.update(task, advance=1, last=f"{b.name} {c.name or c.id}: {res.status}")
-            finally:
-                for r in runners.values():
-                    r.close()
+
+            if jobs > 1:
+                _run_lanes(todo, jobs, device, specs, twin_for, base_of, record)
+            elif isolate:
+                lanes: dict[str, IsolatedBackend] = {}
+                try:
+                    for b, c in todo:
+                        r = lanes.get(b.name)
+                        if r is None:
+                            r = lanes[b.name] = IsolatedBackend(specs[b.name], device, twin_for(b))
+                        record(b, c, r.run(c, base_of(b, c)))
+                finally:
+                    for r in lanes.values():
+                        r.close()
+            else:
+                for b, c in todo:
+                    tname = twin_for(b)
+                    if tname not in twins:
+                        twins[tname] = load_backend(tname) if tname else None
+                    record(b, c, run_case(b, c, device=device, seen_keys=seen_keys[b.name], twin=twins[tname],
+                                          worker=f"pid{os.getpid()}@{device}"))
     return out
+
+
+def _out_of_memory(res: CaseResult) -> bool:
+    return res.status == "error" and "out of memory" in (res.reason or "").lower()
+
+
+def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
+    """Run ``todo`` in ``jobs`` lanes (threads here, one worker process each) over :func:`schedule`'s units."""
+    units = schedule(todo)
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    lanes = [Lane(device, f"lane{i}", threads=threads) for i in range(min(jobs, max(1, len(units))))]
+    lock = threading.Lock()
+    retry: list[tuple[Backend, Case]] = []
+
+    def drive(lane: Lane) -> None:
+        while True:
+            with lock:
+                if not units:
+                    return
+                unit = units.pop(0)
+            for b, c in unit:
+                try:
+                    res = lane.run(specs[b.name], twin_for(b), c, base_of(b, c))
+                except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
+                    res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
+                if _out_of_memory(res):
+                    with lock:
+                        retry.append((b, c))
+                    continue
+                record(b, c, res)
+
+    try:
+        pool = [threading.Thread(target=drive, args=(lane,), daemon=True) for lane in lanes]
+        for t in pool:
+            t.start()
+        for t in pool:
+            t.join()
+        for lane in lanes[1:]:
+            lane.close()  # their device memory back before the retries run alone
+        for b, c in retry:
+            record(b, c, lanes[0].run(specs[b.name], twin_for(b), c, base_of(b, c)))
+    finally:
+        for lane in lanes:
+            lane.close()

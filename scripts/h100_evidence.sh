@@ -29,24 +29,29 @@ step_digests() {
     timed "digest_$id" gdncheck repro "$id" --backend twin-fla --device cuda
   done
 }
-step_gate_smoke() { timed gate_smoke gdncheck gate --tier smoke --out "$RUNS/gate_smoke" --no-progress; }
+# Kernel caches: a step named *cold* starts from empty Triton and CuTe DSL caches (a fresh CI
+# runner); later steps reuse the caches of the step named in WARM_FROM (a persistent runner).
+J=${J:-12}
+cold() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RUNS/cache/$1/cute"; rm -rf "$RUNS/cache/$1"; mkdir -p "$TRITON_CACHE_DIR" "$CUTE_DSL_CACHE_DIR"; }
+warm() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RUNS/cache/$1/cute"; }
+step_gate_smoke() { cold smoke; timed gate_smoke gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke" --no-progress; }
+step_models() { cold models; timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render; }
+step_gate_full() { cold full; timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress; }
+# One GPU: the smoke tier unsharded, then as two shards merged; both on warm caches.
 step_smoke_shards() {
+  warm full
+  timed gate_smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/smoke_warm" --no-progress
   for i in 0 1; do
-    timed "gate_smoke_shard$i" gdncheck gate --tier smoke --shard $i/2 --gpus 1 --out "$RUNS/smoke_shard$i" --no-progress
+    timed "gate_smoke_shard$i" gdncheck gate --tier smoke --shard $i/2 -j "$J" --out "$RUNS/smoke_shard$i" --no-progress
   done
-}
-step_models() { timed models timeout 560 gdncheck run --suite models --out "$RUNS/models" --no-progress --no-render; }
-# The full tier = smoke + models + edges. Its smoke and models parts are the runs above (their
-# wall times add up); this step seeds the gate's results with them and runs what is left (edges).
-step_full() {
-  mkdir -p "$RUNS/full"
-  if [ ! -f "$RUNS/full/results.jsonl" ]; then
-    { head -n 1 "$RUNS/models/results.jsonl"; tail -n +2 "$RUNS/gate_smoke/results.jsonl"; tail -n +2 "$RUNS/models/results.jsonl"; } > "$RUNS/full/results.jsonl"
-  fi
-  timed gate_full timeout 560 gdncheck gate --tier full --out "$RUNS/full" --no-progress --resume
+  timed merge_shards gdncheck report merge "$RUNS/smoke_shard0/results.jsonl" "$RUNS/smoke_shard1/results.jsonl" \
+    --out "$RUNS/smoke_merged.jsonl"
+  timed compare_shards gdncheck report compare "$RUNS/smoke_warm/results.jsonl" "$RUNS/smoke_merged.jsonl" \
+    --json "$RUNS/smoke_shards_compare.json"
 }
 step_ablate() {
-  timed ablate timeout 400 gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 \
+  warm full
+  timed ablate gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 -j "$J" \
     --out "$RUNS/ablate"
 }
 step_drift() {
@@ -55,11 +60,12 @@ step_drift() {
   timed drift_rollout timeout 200 gdncheck drift rollout -b flashinfer-decode -b fla-recurrent --steps 1000 --N 8 \
     --state-dtype float32 --state-dtype bfloat16 --vocab 151936 --out "$RUNS/drift"
 }
-step_gputests() { timed gpu_tests timeout 300 python -m pytest -q -m gpu tests/test_backends_gpu.py -p no:cacheprovider; }
+step_gputests() { warm full; timed gpu_tests timeout 300 python -m pytest -q -m gpu tests/test_backends_gpu.py -p no:cacheprovider; }
 # Steps share one time budget so the packing below always runs inside the call's limit.
 export -f log timed gdncheck $(declare -F | awk '/step_/{print $3}')
-export RUNS
+export RUNS J
+export -f cold warm
 timeout "${BUDGET_S:-540}" bash -c 'for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
 echo "steps ended with rc=$?"
-tar czf "$OUT/h100.tgz" -C "$RUNS" . && ls -la "$OUT"
+tar czf "$OUT/h100.tgz" -C "$RUNS" --exclude ./cache . && ls -la "$OUT"
 cat "$RUNS/timings.tsv"

@@ -56,3 +56,23 @@ def mini_suite(tmp_path: Path, seeds=(1, 2)) -> Path:
     p = tmp_path / "mini.toml"
     p.write_text("\n".join(lines) + "\n")
     return p
+
+
+class Hungry(Exact):
+    """Raises CUDA's out-of-memory text on the first prefill case of a run (a flag file named by
+    ``GDNCHECK_TEST_HUNGRY_FIRST`` marks it) and computes every later one, like a case that did
+    not fit beside other workers and fits alone."""
+
+    name = "test-hungry"
+
+    def run(self, inputs) -> Outputs:
+        if inputs.case.op == "prefill" and os.environ.get("GDNCHECK_TEST_HUNGRY_FIRST"):
+            flag = Path(os.environ["GDNCHECK_TEST_HUNGRY_FIRST"])
+            if not flag.exists():
+                flag.write_text("1")
+                raise RuntimeError("CUDA out of memory. Tried to allocate 8.00 GiB (simulated)")
+        return super().run(inputs)
+
+
+def hungry() -> Hungry:
+    return Hungry()

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +14,11 @@ from typer.testing import CliRunner
 
 from gdncheck import ablate as ab
 from gdncheck.backends import load_backend
-from gdncheck.cases import Case, inputs_digest, materialize
+from gdncheck.cases import Case, inputs_digest, load_suite, materialize
+
+sys.path.insert(0, str(Path(__file__).parent))  # workers get sys.path: they import crashy_backend too
+
+from crashy_backend import Exact, mini_suite  # noqa: E402
 
 VOCAB = 4096  # projection width for the flip rate in tests (the CLI default is 32k)
 
@@ -214,7 +221,10 @@ def test_cli(tmp_path):
     html = (out / "ablation.html").read_text()
     assert "data:image/png;base64," in html and "<script" not in html
     assert "## beta-quant" in (out / "ablation.md").read_text()
+    assert data["jobs"] == 1
     assert run(app, ["ablate", "--suite", str(suite)]).exit_code == 2
+    bad = run(app, ["ablate", "--beta-quant", "--suite", str(suite), "-j", "0"])
+    assert bad.exit_code == 2 and "--jobs" in bad.output
     assert run(app, ["ablate", "--beta-quant", "--beta-dtype", "fp8", "--suite", str(suite)]).exit_code == 2
 
 
@@ -229,3 +239,104 @@ def test_flip_proxy_matches_drift():
         ours = (logit_argmax(o, VOCAB) != logit_argmax(ref, VOCAB)).double().mean().item()
         theirs = logit_flip_rate(o, ref, VOCAB)
         assert 0 < theirs < 1 and abs(ours - theirs) <= 1 / 40 + 1e-12
+
+
+# ---------------------------------------------------------------- worker processes
+
+def _same_record(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys(), (a, b)
+    for k, x in a.items():
+        if isinstance(x, float) and k != "flips":
+            assert math.isclose(x, b[k], rel_tol=1e-12, abs_tol=0.0), (k, a, b)
+        else:
+            assert x == b[k], (k, a, b)
+
+
+def test_jobs_give_the_one_process_result():
+    """Units spread over 2 worker processes: the same records, in the same order, and the same summary."""
+    switches = [ab.make_switch("beta-quant"), ab.make_switch("state-dtype"), ab.make_switch("fast-math")]
+    # crashy_backend:exact has no fast-math switch: skip records take part in the comparison
+    specs = ["twin-fla", "twin-flashinfer", "crashy_backend:exact"]
+    cases = CASES[:5]
+    one = ab.ablate(switches, cases, specs, seeds=2, vocab=VOCAB, n_boot=300)
+    seen, done = [], []
+    two = ab.ablate(switches, cases, specs, seeds=2, vocab=VOCAB, n_boot=300, jobs=2,
+                    progress=lambda sw, spec, u: seen.append((sw, spec, u.id)),
+                    after=lambda r, sw, spec: done.append((sw, spec, r.wall_s)))
+    assert len(two.records) == len(one.records) > 0
+    for a, b in zip(one.records, two.records):
+        _same_record(a, b)
+    assert {r["status"] for r in one.records} == {"ok", "not_expressible"}
+    assert two.skipped == one.skipped and one.skipped
+    assert len(two.groups) == len(one.groups) > 0
+    for g1, g2 in zip(one.groups, two.groups):
+        assert {k: v for k, v in g1.items() if k not in ("effects", "arm_means", "verdict")} == \
+               {k: v for k, v in g2.items() if k not in ("effects", "arm_means", "verdict")}
+        for k, e in g1["effects"].items():
+            for f in ("mean", "lo", "hi"):
+                assert math.isclose(e[f], g2["effects"][k][f], rel_tol=1e-12, abs_tol=1e-15), (g1["op"], k, f)
+    # progress once per unit, after() once per (switch, backend) with the time so far
+    n_units = sum(len(ab.units_for(sw, cases, 2)) for sw in switches) * len(specs)
+    assert len(seen) == len(set(seen)) == n_units
+    assert sorted((sw, spec) for sw, spec, _ in done) == sorted((sw.name, s) for sw in switches for s in specs)
+    assert all(w > 0 for *_, w in done)
+    assert two.jobs == 2 and two.to_json()["jobs"] == 2
+
+
+def test_jobs_worker_crash_is_charged_to_its_task(tmp_path):
+    """A backend that kills its process on odd-seed decode units: that task's units become error
+    records, the replaced worker runs the rest, and the other backend's records are untouched."""
+    cases = load_suite(str(mini_suite(tmp_path, seeds=(1, 2))))
+    sw = ab.make_switch("beta-quant")
+    res = ab.ablate([sw], cases, ["crashy_backend:crashy", "twin-fla"], seeds=2, vocab=VOCAB, n_boot=300, jobs=2)
+    crashy = [r for r in res.records if r["backend"] in ("crashy_backend:crashy", "test-crashy")]
+    by_op = {op: [r for r in crashy if r["op"] == op] for op in ("decode", "prefill", "verify")}
+    # one compile key holds all four decode units (seeds 1, 1001, 2, 1002): the task died on the first
+    assert len(by_op["decode"]) == 4
+    assert all(r["status"] == "error" and r["reason"].startswith("worker: BrokenProcessPool")
+               and r["arm"] == 0 for r in by_op["decode"])
+    assert len(by_op["prefill"]) == 8 and all(r["status"] == "ok" and "flips" in r for r in by_op["prefill"])
+    # a kernel error that leaves the process alive is an ordinary per-arm result
+    assert by_op["verify"] and all(r["status"] == "error" and "illegal memory access" in r["reason"]
+                                   for r in by_op["verify"])
+    assert any(s["backend"] == "crashy_backend:crashy" and s["units"] == 4 and "BrokenProcessPool" in s["reason"]
+               for s in res.skipped)
+    assert [(g["backend"], g["op"]) for g in res.groups if g["backend"] == "test-crashy"] == [("test-crashy", "prefill")]
+    # the twin's tasks ran after the crash, on the replaced worker too
+    twin = [r for r in res.records if r["backend"] == "twin-fla"]
+    ref = ab.ablate([sw], cases, ["twin-fla"], seeds=2, vocab=VOCAB, n_boot=300)
+    assert len(twin) == len(ref.records) == 24
+    for a, b in zip(ref.records, twin):
+        _same_record(a, b)
+
+
+class EnvProbe(Exact):
+    """Named like FLA's CUDA kernel, so fast-math runs its arm B in a process with FLA_USE_FAST_OPS=1;
+    the output path says what the process saw."""
+
+    name = "fla-chunk"
+
+    def run(self, inputs):
+        import os
+
+        out = super().run(inputs)
+        out.path = f"fast={os.environ.get('FLA_USE_FAST_OPS')} pid={os.getpid()}"
+        return out
+
+
+def env_probe() -> EnvProbe:
+    return EnvProbe()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_fast_math_arm_in_its_own_environment(jobs):
+    sw = ab.make_switch("fast-math")
+    res = ab.ablate([sw], CASES[:3], ["test_ablate:env_probe"], seeds=1, vocab=VOCAB, n_boot=200, jobs=jobs)
+    arms = {a: [r for r in res.records if r["arm"] == a] for a in (0, 1)}
+    assert len(arms[0]) == len(arms[1]) == 3 and all(r["status"] == "ok" for r in res.records)
+    pid0 = {r["path"].split("pid=")[1] for r in arms[0]}
+    pid1 = {r["path"].split("pid=")[1] for r in arms[1]}
+    assert all(r["path"].startswith("fast=None") for r in arms[0])
+    assert all(r["path"].startswith("fast=1") for r in arms[1])
+    assert len(pid1) == 1 and not pid0 & pid1
+    assert {g["op"] for g in res.groups} == {"prefill", "decode"}

@@ -240,3 +240,32 @@ def test_render_cli(tmp_path):
     assert res.exit_code == 0, res.output
     for f in ("summary.json", "report.md", "report.html", "junit.xml"):
         assert (tmp_path / "out" / f).stat().st_size > 0
+
+
+def test_capability_matrix_marks_ok_wrong_and_unsupported(tmp_path):
+    import sys as _sys
+    from pathlib import Path as _P
+
+    _sys.path.insert(0, str(_P(__file__).parent))
+    from crashy_backend import mini_suite
+
+    from gdncheck.gate import judge, load_budgets
+    from gdncheck.report import matrix
+    from gdncheck.report.io import load_results as _load
+    from gdncheck.run import run as _run
+
+    suite = mini_suite(tmp_path, (1, 2))
+    out = _run([str(suite)], ["crashy_backend:exact", "gdncheck.backends.faults:FinalStateNotWritten",
+                              "fla-interp"], tmp_path / "r.jsonl", device="cpu", isolate=False, progress=False)
+    _, rs = _load(out)
+    b = load_budgets()
+    m = matrix.build(rs, lambda r: judge(r, b))
+    cells = m["cells"]
+    exact, faulty = "test-exact", [x for x in m["backends"] if x not in ("test-exact", "fla-interp")][0]
+    assert cells["prefill"][exact]["text"] == "ok 2"
+    assert cells["prefill"][faulty]["text"].startswith("**wrong 2/2**")
+    assert "contract:state_written" in cells["prefill"][faulty]["text"]
+    assert cells["intermediate"]["fla-interp"]["text"].startswith("unsupported (")
+    assert cells["slot >= 4096"][exact]["text"] == "–"
+    md = matrix.markdown(m)
+    assert md.count("\n") == len(matrix.FEATURES) + 2

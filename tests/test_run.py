@@ -84,3 +84,72 @@ def test_report_gives_time_by_backend_with_compiles_apart(tmp_path):
     assert tm["cases_run"] == len(res) and tm["compile_keys"] == len(keys)
     assert abs(tm["run_s"] - sum(r.timing.run_s for r in res)) < 1e-9
     assert "## Time by backend" in markdown(s)
+
+
+# ---------------------------------------------------------------- parallel lanes (--jobs)
+
+def _comparable(path):
+    _, rs = load_results(path)
+    return {(r.case_id, r.backend): r.model_dump(exclude={"timing", "worker", "device"}) for r in rs}
+
+
+def test_jobs_give_the_same_results_as_one_process(tmp_path):
+    suite = _suite(tmp_path, [1, 2])
+    specs = ["crashy_backend:exact", "twin-fla"]
+    one = run([str(suite)], specs, tmp_path / "one.jsonl", device="cpu", isolate=False, progress=False)
+    par = run([str(suite)], specs, tmp_path / "par.jsonl", device="cpu", progress=False, jobs=3)
+    header, res = load_results(par)
+    assert header.jobs == 3
+    assert len({r.worker.split("#")[0] for r in res}) > 1  # the work really spread over lanes
+    a, b = _comparable(one), _comparable(par)
+    assert a.keys() == b.keys() and len(a) == 12
+    for k in a:
+        assert a[k]["status"] == b[k]["status"] and a[k]["contracts"] == b[k]["contracts"], k
+        for t, m in a[k]["metrics"].items():
+            for f, x in m.items():
+                y = b[k]["metrics"][t][f]
+                assert (x == y) or abs(x - y) <= 1e-9 * abs(x), (k, t, f, x, y)  # CPU thread counts differ
+    assert all(r.timing.wall_s is not None for r in res if r.status == "ok")
+
+
+def test_jobs_crash_is_recorded_and_other_lanes_go_on(tmp_path):
+    suite = _suite(tmp_path, [1, 2, 3])
+    out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r.jsonl",
+              device="cpu", twin_spec=None, progress=False, jobs=2)
+    _, res = load_results(out)
+    by = {(r.backend, r.case.op, r.case.seed): r for r in res}
+    assert len(res) == 18
+    assert by[("test-crashy", "decode", 1)].status == "crash"
+    assert by[("test-crashy", "decode", 3)].status == "crash"
+    assert by[("test-crashy", "decode", 2)].status == "ok"
+    assert all(r.status == "ok" and r.contracts.ok for r in res if r.backend == "test-exact")
+
+
+def test_jobs_rerun_out_of_memory_cases_alone(tmp_path, monkeypatch):
+    monkeypatch.setenv("GDNCHECK_TEST_HUNGRY_FIRST", str(tmp_path / "flag"))
+    suite = _suite(tmp_path, [1, 2])
+    out = run([str(suite)], ["crashy_backend:hungry"], tmp_path / "r.jsonl", device="cpu", twin_spec=None,
+              progress=False, jobs=2)
+    _, res = load_results(out)
+    assert (tmp_path / "flag").exists()  # one prefill did run out of memory...
+    assert len(res) == 6 and all(r.status == "ok" for r in res)  # ...and was rerun alone
+
+
+def test_schedule_units_are_compile_keys_and_big_cases_run_alone():
+    from gdncheck.backends import load_backend
+    from gdncheck.cases import Case
+    from gdncheck.run import BIG_CASE_BYTES, case_bytes, compile_key, schedule
+
+    chunk, twin = load_backend("fla-chunk"), load_backend("twin-fla")
+    small = [Case(op="decode", seqlens=[1] * n, H=2, HV=4, seed=s) for n in (1, 8) for s in (1, 2)]
+    other = [Case(op="decode", seqlens=[1, 1], H=4, HV=8, seed=1)]
+    big = Case(op="decode", seqlens=[1], H=16, HV=32, pool_size=5000, read_indices=[4999], seed=1)
+    assert case_bytes(big) > BIG_CASE_BYTES >= max(case_bytes(c) for c in small + other)
+    pairs = [(b, c) for b in (twin, chunk) for c in small + other + [big]]
+    units = schedule(pairs)
+    assert units[0] == [(twin, big), (chunk, big)]  # big cases first, together, one at a time
+    assert sorted(len(u) for u in units[1:]) == [1, 1, 4, 4]
+    assert units[1][0][0] is chunk  # the long compile (hint) starts first
+    for u in units[1:]:
+        assert len({(b.name, compile_key(b, c)) for b, c in u}) == 1
+    assert sum(len(u) for u in units) == len(pairs)

@@ -72,6 +72,9 @@ class Backend:
     zero_length_policy: ClassVar[str] = "passthrough"
     # precision twin modelling this backend's rounding (name in the registry), for floors
     twin: ClassVar[str | None] = None
+    # rough seconds a new compile key costs on first call: a scheduling hint only, so that
+    # parallel runs (``--jobs``) start the longest compiles first
+    compile_hint_s: ClassVar[float] = 0.0
 
     def version(self) -> str:
         return "n/a"

@@ -84,9 +84,16 @@ class _FLABase(Backend):
     padding_policy = {"prefill": "skip", "decode": "skip", "verify": "skip"}
     zero_length_policy = "passthrough"
     twin = "twin-fla"
+    compile_hint_s = 5.0
 
     def version(self) -> str:
         return _fla_version()
+
+    def compile_key(self, case: Case) -> tuple:
+        """FLA's kernels do not specialise on T (``do_not_specialize=['T']``) and autotune on
+        heads, dims and flags: cases differing only in T, N or the pool reuse the compiled kernels."""
+        return (self.kernel, case.op == "prefill", case.H, case.HV, case.K, case.V, case.dtype, case.state_dtype,
+                case.layout, case.l2norm, case.gate_source)
 
     def available(self) -> str | None:
         if os.environ.get("TRITON_INTERPRET") == "1":
@@ -189,6 +196,7 @@ class FLAChunk(_FLABase):
 
     name = "fla-chunk"
     kernel = "chunk"
+    compile_hint_s = 40.0  # five autotuned Triton kernels per new (H, HV, layout, dtype)
 
 
 class FLAInterpreter(_FLABase):

@@ -59,6 +59,7 @@ def _dt(t: torch.dtype) -> str:
 class _FlashInferBase(Backend):
     family = "flashinfer"
     twin = "twin-flashinfer"
+    compile_hint_s = 10.0  # CuTe DSL / CUTLASS JIT per compile key
 
     def version(self) -> str:
         return _fi_version()

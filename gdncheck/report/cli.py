@@ -1,4 +1,4 @@
-"""``gdncheck report render|compare|merge``."""
+"""``gdncheck report render|compare|matrix|merge``."""
 from __future__ import annotations
 
 import json
@@ -44,7 +44,7 @@ def summary_table(summary: dict) -> Table:
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``gdncheck report render|compare|merge`` to a typer app."""
+    """Add ``gdncheck report render|compare|matrix|merge`` to a typer app."""
     rep = typer.Typer(help="Summaries, HTML/Markdown/JUnit reports, run comparison and shard merging.",
                       no_args_is_help=True)
     app.add_typer(rep, name="report")
@@ -112,11 +112,38 @@ def register(app: typer.Typer) -> None:
                     ft.add_row(x["backend"], x["name"] or x["case_id"], x["failure"] or "")
                 console.print(ft)
         console.print(f"pairs {cmp['pairs']}, only in A {cmp['only_a']}, only in B {cmp['only_b']}; "
+                      f"identical {cmp['identical']}, largest in_floors ratio {cmp['max_spread']:.4g}; "
                       f"{len(cmp['regressions'])} regressions, {len(cmp['new_failures'])} new failures, "
                       f"{len(cmp['fixed_failures'])} fixed")
         if json_out:
             json_out.write_text(json.dumps(cmp, indent=1))
         raise typer.Exit(1 if cmp["regressed"] else 0)
+
+    @rep.command("matrix")
+    def matrix_cmd(
+        results: Path = typer.Argument(..., help="results JSONL"),
+        budgets: list[Path] = typer.Option([], "--budgets", help="TOML merged over the shipped budgets (repeatable)"),
+        out: Path | None = typer.Option(None, "--out", help="write matrix.md and matrix.json into this directory"),
+    ):
+        """Capability matrix (backend x feature: ok / unsupported with reason / wrong), judged by the gate."""
+        from gdncheck.gate import GateConfigError, judge, load_budgets
+        from gdncheck.report import matrix
+
+        try:
+            b = load_budgets(budgets)
+        except GateConfigError as e:
+            console.print(f"[red]error:[/red] {e}", soft_wrap=True)
+            raise typer.Exit(2) from None
+        _, rs = _load(results)
+        m = matrix.build(rs, lambda r: judge(r, b))
+        md = matrix.markdown(m)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "matrix.md").write_text(md)
+            (out / "matrix.json").write_text(json.dumps(m, indent=1) + "\n")
+            console.print(f"wrote {out / 'matrix.md'}, {out / 'matrix.json'}")
+        else:
+            print(md)
 
     @rep.command("merge")
     def merge_cmd(

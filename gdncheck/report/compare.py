@@ -25,12 +25,15 @@ def compare(a: list[CaseResult], b: list[CaseResult], *, factor: float = 2.0, mi
     """Compare run ``a`` (baseline) to run ``b``.
 
     Returns a dict: ``regressions`` (pair, tensor, A, B, ratio), ``new_failures``,
-    ``fixed_failures``, ``status_changes``, ``only_a`` / ``only_b`` counts, ``groups``
+    ``fixed_failures``, ``status_changes``, ``only_a`` / ``only_b`` counts, ``identical`` (pairs
+    with the same status and bit-identical metrics), ``max_spread`` (largest ``in_floors`` ratio
+    either way over common pairs and tensors, 1 when all equal), ``groups``
     (median in_floors of A and B per backend x op x dtype and tensor), ``regressed`` (bool).
     """
     A = {result_key(r): r for r in a}
     B = {result_key(r): r for r in b}
     regressions, new_f, fixed_f, changes = [], [], [], []
+    identical, spread = 0, 1.0
     for key, rb in B.items():
         ra = A.get(key)
         ob = outcome(rb)
@@ -45,12 +48,16 @@ def compare(a: list[CaseResult], b: list[CaseResult], *, factor: float = 2.0, mi
             fixed_f.append(case_line(rb))
         if ra.status != rb.status:
             changes.append({"case_id": key[0], "backend": key[1], "a": ra.status, "b": rb.status})
+        elif ra.metrics == rb.metrics:
+            identical += 1
         for t in TENSORS:
             ma, mb = ra.metrics.get(t), rb.metrics.get(t)
             if ma is None or mb is None or ma.in_floors is None or mb.in_floors is None:
                 continue
             if math.isnan(ma.in_floors) or math.isnan(mb.in_floors):
                 continue
+            if ma.in_floors > 0 and mb.in_floors > 0 and math.isfinite(ma.in_floors) and math.isfinite(mb.in_floors):
+                spread = max(spread, ma.in_floors / mb.in_floors, mb.in_floors / ma.in_floors)
             r = _ratio(ma.in_floors, mb.in_floors, min_floors)
             if r > factor:
                 regressions.append({**case_line(rb), "tensor": t, "a": ma.in_floors, "b": mb.in_floors, "ratio": r})
@@ -76,6 +83,7 @@ def compare(a: list[CaseResult], b: list[CaseResult], *, factor: float = 2.0, mi
     return {
         "factor": factor, "min_floors": min_floors,
         "pairs": len(set(A) & set(B)), "only_a": len(set(A) - set(B)), "only_b": len(set(B) - set(A)),
+        "identical": identical, "max_spread": spread,
         "regressions": regressions, "new_failures": new_f, "fixed_failures": fixed_f,
         "status_changes": changes, "groups": groups,
         "regressed": bool(regressions or new_f),

@@ -54,12 +54,16 @@ def markdown(summary: dict, drift: list | None = None) -> str:
     lines.append("")
     if summary.get("timing"):
         lines += ["## Time by backend", "",
-                  "Compile: first call of each new compile key (T, heads, dims, dtypes, layout, scale) minus its run time.", "",
-                  "| backend | cases run | compile keys | compile s | kernel run s | oracle s |",
-                  "|---|--:|--:|--:|--:|--:|"]
+                  "Compile: first call of each new compile key (T, heads, dims, dtypes, layout, scale) minus its run time. "
+                  "Case wall: each case whole in its worker (inputs, kernel, oracle, twin, metrics)."
+                  + (f" This run had {summary['jobs']} worker processes side by side: their times overlap "
+                     "(the sums exceed the run's wall time) and include contention." if summary.get("jobs", 1) > 1 else ""),
+                  "",
+                  "| backend | cases run | compile keys | compile s | kernel run s | oracle s | case wall s |",
+                  "|---|--:|--:|--:|--:|--:|--:|"]
         for tm in summary["timing"]:
             lines.append(f"| {tm['backend']} | {tm['cases_run']} | {tm['compile_keys']} | {tm['compile_s']:.1f} "
-                         f"| {tm['run_s']:.2f} | {tm['oracle_s']:.1f} |")
+                         f"| {tm['run_s']:.2f} | {tm['oracle_s']:.1f} | {tm.get('wall_s', 0.0):.1f} |")
         lines.append("")
     if summary["failures"]:
         lines += [f"## Failures ({len(summary['failures'])})", ""]

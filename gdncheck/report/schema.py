@@ -60,6 +60,7 @@ class Timing(BaseModel):
     compile_s: float | None = Field(None, description="first call of a new compile key, minus run time")
     run_s: float | None = None
     oracle_s: float | None = None
+    wall_s: float | None = Field(None, description="the whole case in its worker: inputs, kernel, oracle, twin, metrics")
 
 
 class CaseResult(BaseModel):
@@ -110,3 +111,4 @@ class RunHeader(BaseModel):
     backends: list[str]
     environment: Environment
     shard: str | None = None
+    jobs: int = Field(1, description="worker processes sharing the device (their case times overlap)")

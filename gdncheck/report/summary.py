@@ -107,13 +107,14 @@ def summarize(header: RunHeader, results: list[CaseResult], *, worst: int = 5) -
             "compile_s": sum(r.timing.compile_s or 0.0 for r in rs),
             "run_s": sum(r.timing.run_s or 0.0 for r in rs),
             "oracle_s": sum(r.timing.oracle_s or 0.0 for r in rs),
+            "wall_s": sum(r.timing.wall_s or 0.0 for r in rs),
         })
     totals = {s: sum(r.status == s for r in results) for s in STATUSES}
     totals.update(cases=len(results), fail=sum(outcome(r) == "fail" for r in results),
                   passed=sum(outcome(r) == "pass" for r in results))
     return {
         "schema_version": SCHEMA_VERSION, "kind": "summary", "run_id": header.run_id,
-        "suites": header.suites, "backends": header.backends,
+        "suites": header.suites, "backends": header.backends, "jobs": header.jobs,
         "environment": header.environment.model_dump(exclude_none=True),
         "totals": totals, "groups": out_groups, "timing": timing,
         "failures": [case_line(r) for r in results if outcome(r) == "fail"],

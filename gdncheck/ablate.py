@@ -322,7 +322,7 @@ class ArmRunner:
     def __init__(self, switch: Switch, spec: str, device: str, vocab: int = 32768):
         self.switch, self.spec, self.vocab = switch, spec, vocab
         self.base = load_backend(spec)
-        # CPU-only backends (twins, the interpreter) run on the CPU whatever the run's device
+        # CPU-only backends (the interpreter) run on the CPU whatever the run's device
         self.device = torch.device("cpu" if getattr(self.base.caps, "device", "") == "cpu" else device)
         self._refs: dict[tuple, _Ref] = {}
 

@@ -133,7 +133,7 @@ def fuzz(
         out = sys.stdout
     register_profiles()
     pname = profile_name(profile)
-    dev = device or backend.caps.device
+    dev = device or ("cpu" if backend.caps.device == "any" else backend.caps.device)
     if twin is True:
         twin = None
         if backend.twin and backend.twin != backend.name:

@@ -124,7 +124,8 @@ def _sync(device: torch.device) -> None:
 
 
 def backend_device(backend: Backend, device: str | torch.device) -> torch.device:
-    """Where ``backend`` runs: CPU-only backends (twins, the interpreter) always on the CPU."""
+    """Where ``backend`` runs: CPU-only backends (the interpreter) on the CPU; twins ('any') and
+    kernels on the run's device."""
     return torch.device("cpu") if backend.caps.device == "cpu" else torch.device(device)
 
 
@@ -197,20 +198,32 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
         fatal = any(s in text for s in _FATAL)
         return CaseResult(status="crash" if fatal else "error", reason=text[:2000], policy=policy,
                           timing=timing, extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base), None
-    t0 = time.perf_counter()
-    exp = expected(before, policy, backend.zero_length_policy, device=dev)
-    _sync(dev)
-    timing.oracle_s = time.perf_counter() - t0
-    twin_out = None
-    if twin is not None and twin.name != backend.name and twin.supports(case) is None:
-        try:
-            twin_out = twin.run(before.clone(backend_device(twin, dev)))
-        except Exception:  # noqa: BLE001 - the twin only refines the floor
-            twin_out = None
-    m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)
+    extra: dict = {}
+    try:
+        t0 = time.perf_counter()
+        exp = expected(before, policy, backend.zero_length_policy, device=dev)
+        _sync(dev)
+        timing.oracle_s = time.perf_counter() - t0
+        twin_out = None
+        if twin is not None and twin.name != backend.name and twin.supports(case) is None:
+            try:
+                twin_out = twin.run(before.clone(backend_device(twin, dev)))
+            except Exception as e:  # noqa: BLE001 - the twin only refines the floor
+                if _is_oom(e):
+                    raise
+                extra["twin_error"] = f"{type(e).__name__}: {e}"[:500]
+        m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)
+    except Exception as e:  # noqa: BLE001 - e.g. the float64 oracle out of device memory beside other workers
+        return CaseResult(status="error", reason=f"judging (oracle, twin, metrics): {type(e).__name__}: {e}"[:2000],
+                          path=out.path, policy=policy, timing=timing,
+                          extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base), None
     status = "nan" if contracts.nan_where_finite else "ok"
     return CaseResult(status=status, path=out.path, policy=policy, adapter_work=out.adapter_work,
-                      metrics=m, contracts=contracts, timing=timing, **base), out
+                      metrics=m, contracts=contracts, timing=timing, extra=extra, **base), out
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
 
 
 # ---------------------------------------------------------------- worker processes
@@ -308,35 +321,41 @@ class IsolatedBackend:
         self._lane.close(kill)
 
 
-# A case whose device memory (float64 oracle pools, chunked intermediates, the kernel's copies)
-# is estimated above this runs in the lane for big cases, one at a time, so parallel workers
-# cannot exhaust the device together.
-BIG_CASE_BYTES = 12 << 30
-
-
 def case_bytes(case: Case) -> int:
-    """Rough device bytes of one case: pools in float64 (input, expected, copies) and token tensors."""
+    """Rough peak device bytes of one case: float64 pools (input, expected) beside the kernel's
+    copies, and token tensors in float64 through the chunked oracle and the twin (calibrated on
+    an H100: 23 GB for T = 8192, HV = 64, K = V = 128, N = 4)."""
     rows = case.pool_size if case.pool_size is not None else case.N
     state = rows * case.HS * case.K * case.V
     tokens = case.T * case.HS * (case.K + case.V)
-    return 8 * (4 * state + 8 * tokens)
+    return 8 * (4 * state + 24 * tokens)
+
+
+def memory_budget(device: str) -> int:
+    """Bytes the parallel workers' cases may hold at once: 70% of the device's memory (half the
+    host's for the CPU)."""
+    if device.startswith("cuda"):
+        return int(0.7 * torch.cuda.get_device_properties(torch.device(device)).total_memory)
+    try:
+        return int(0.5 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
 
 
 def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
     """Pairs in work units for parallel lanes, in start order.
 
-    A unit is one backend's cases of one compile key (compiled once, in one process); big cases
-    (:data:`BIG_CASE_BYTES`) form one unit of their own so that they run one at a time. Longest
-    units start first: the big ones, then by the backend's compile hint and case count.
+    A unit is one backend's cases of one compile key, compiled once in one process. Longest units
+    start first: by the backend's compile hint, then memory (big cases take longer), then size.
     """
-    big = [(b, c) for b, c in pairs if case_bytes(c) > BIG_CASE_BYTES]
     units: dict[tuple, list] = {}
     for b, c in pairs:
-        if case_bytes(c) <= BIG_CASE_BYTES:
-            units.setdefault((b.name, repr(compile_key(b, c))), []).append((b, c))
-    order = sorted(units.values(), key=lambda u: (-(u[0][0].compile_hint_s + 0.05 * len(u)), u[0][0].name,
-                                                  repr(compile_key(u[0][0], u[0][1]))))
-    return ([big] if big else []) + order
+        units.setdefault((b.name, repr(compile_key(b, c))), []).append((b, c))
+
+    def cost(u) -> float:
+        return u[0][0].compile_hint_s + max(case_bytes(c) for _, c in u) / (1 << 30) + 0.05 * len(u)
+
+    return sorted(units.values(), key=lambda u: (-cost(u), u[0][0].name, repr(compile_key(u[0][0], u[0][1]))))
 
 
 # ---------------------------------------------------------------- the run
@@ -393,8 +412,8 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
 
     ``jobs > 1`` runs that many worker processes side by side on ``device`` (implies isolation):
     each takes whole compile-key units (:func:`schedule`), so kernels compile in parallel and
-    each compiles once. A case that runs out of device memory beside the others is rerun alone
-    at the end. Kernel and compile times of parallel workers overlap and include contention.
+    each compiles once; cases start within a device-memory budget, and one that runs out of
+    memory beside the others anyway is rerun alone at the end. Kernel and compile times of parallel workers overlap and include contention.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -476,11 +495,15 @@ def _out_of_memory(res: CaseResult) -> bool:
 
 
 def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
-    """Run ``todo`` in ``jobs`` lanes (threads here, one worker process each) over :func:`schedule`'s units."""
+    """Run ``todo`` in ``jobs`` lanes (threads here, one worker process each) over :func:`schedule`'s
+    units. A case starts only while the cases in flight leave room for it in :func:`memory_budget`
+    (alone it always starts); one that runs out of memory anyway is rerun alone at the end."""
     units = schedule(todo)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     lanes = [Lane(device, f"lane{i}", threads=threads) for i in range(min(jobs, max(1, len(units))))]
-    lock = threading.Lock()
+    budget = memory_budget(device)
+    lock = threading.Condition()
+    held = [0]
     retry: list[tuple[Backend, Case]] = []
 
     def drive(lane: Lane) -> None:
@@ -490,10 +513,19 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
                     return
                 unit = units.pop(0)
             for b, c in unit:
+                need = case_bytes(c)
+                with lock:
+                    while held[0] and held[0] + need > budget:
+                        lock.wait()
+                    held[0] += need
                 try:
                     res = lane.run(specs[b.name], twin_for(b), c, base_of(b, c))
                 except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
                     res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
+                finally:
+                    with lock:
+                        held[0] -= need
+                        lock.notify_all()
                 if _out_of_memory(res):
                     with lock:
                         retry.append((b, c))

@@ -32,8 +32,10 @@ step_digests() {
 # Kernel caches: a step named *cold* starts from empty Triton and CuTe DSL caches (a fresh CI
 # runner); later steps reuse the caches of the step named in WARM_FROM (a persistent runner).
 J=${J:-12}
-cold() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RUNS/cache/$1/cute"; rm -rf "$RUNS/cache/$1"; mkdir -p "$TRITON_CACHE_DIR" "$CUTE_DSL_CACHE_DIR"; }
-warm() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RUNS/cache/$1/cute"; }
+cold() { warm "$1"; rm -rf "$RUNS/cache/$1"; mkdir -p "$TRITON_CACHE_DIR" "$CUTE_DSL_CACHE_DIR" "$FLASHINFER_WORKSPACE_BASE"; }
+warm() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RUNS/cache/$1/cute" \
+           FLASHINFER_WORKSPACE_BASE="$RUNS/cache/$1/flashinfer"; }
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 step_gate_smoke() { cold smoke; timed gate_smoke gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke" --no-progress; }
 step_models() { cold models; timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render; }
 step_gate_full() { cold full; timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress; }
@@ -52,7 +54,7 @@ step_smoke_shards() {
 step_ablate() {
   warm full
   timed ablate gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 -j "$J" \
-    --out "$RUNS/ablate"
+    --no-progress --out "$RUNS/ablate"
 }
 step_drift() {
   timed drift_position timeout 200 gdncheck drift position -b flashinfer-prefill -b fla-chunk --T 16384 --bins 32 --vocab 151936 \

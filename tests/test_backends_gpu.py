@@ -101,3 +101,34 @@ def test_backend_matches_oracle(cid, factory, bound, fields, seed):
         gi, ei = out.intermediate[live], exp.intermediate[live]
         assert not torch.isnan(gi).any(), f"{cid}: intermediate states left unwritten"
         assert _rel(gi, ei) <= bound * _rel(ei.to(dt), ei), f"{cid}: intermediate rel_l2 {_rel(gi, ei):.3e}"
+
+
+@pytest.mark.parametrize("twin", ["twin-fla", "twin-flashinfer"])
+@pytest.mark.parametrize("fields", [
+    dict(op="prefill", seqlens=[150, 0, 40], pool_size=8, read_indices=[5, -1, 2]),
+    dict(op="verify", seqlens=[4] * 3, gate_source="raw", pool_size=8, read_indices=[2, -1, 6], intermediate=True),
+    dict(op="decode", seqlens=[1] * 4, state_dtype="bfloat16", pool_size=8, read_indices=[3, -1, 6, 1]),
+], ids=["prefill", "verify", "decode-bf16"])
+def test_twin_on_cuda_equals_twin_on_cpu(twin, fields):
+    """The twins run beside the kernels on the GPU: same arithmetic as on the CPU (CI), up to the
+    order of fp32 sums (bound: 1e-4 of the twin's own error against the oracle)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from gdncheck.backends import load_backend
+
+    be = load_backend(twin)
+    case = Case(**M, **fields, seed=7)
+    cpu = be.run(materialize(case, "cpu"))
+    gpu = be.run(materialize(case, "cuda"))
+    exp = expected(materialize(case, "cpu"), be.policy(case), be.zero_length_policy)
+    assert gpu.o.device.type == "cuda"
+
+    def close(g, c, ref):
+        g, c = g.cpu().double(), c.double()
+        assert torch.equal(g.isnan(), c.isnan())  # poison left in the same places
+        live = ~c.isnan() & ~ref.isnan()
+        own = _rel(c[live], ref[live])
+        assert _rel(g[live], c[live]) <= 1e-4 * max(own, 1e-7)
+
+    close(gpu.o, cpu.o, exp.o)
+    close(gpu.state, cpu.state, exp.pool)

@@ -135,21 +135,53 @@ def test_jobs_rerun_out_of_memory_cases_alone(tmp_path, monkeypatch):
     assert len(res) == 6 and all(r.status == "ok" for r in res)  # ...and was rerun alone
 
 
-def test_schedule_units_are_compile_keys_and_big_cases_run_alone():
+def test_schedule_units_are_compile_keys_longest_first():
     from gdncheck.backends import load_backend
     from gdncheck.cases import Case
-    from gdncheck.run import BIG_CASE_BYTES, case_bytes, compile_key, schedule
+    from gdncheck.run import case_bytes, compile_key, schedule
 
     chunk, twin = load_backend("fla-chunk"), load_backend("twin-fla")
     small = [Case(op="decode", seqlens=[1] * n, H=2, HV=4, seed=s) for n in (1, 8) for s in (1, 2)]
     other = [Case(op="decode", seqlens=[1, 1], H=4, HV=8, seed=1)]
-    big = Case(op="decode", seqlens=[1], H=16, HV=32, pool_size=5000, read_indices=[4999], seed=1)
-    assert case_bytes(big) > BIG_CASE_BYTES >= max(case_bytes(c) for c in small + other)
+    big = Case(op="decode", seqlens=[1], H=2, HV=4, K=64, V=64, pool_size=5000, read_indices=[4999], seed=1)
+    assert case_bytes(big) > 8 * max(case_bytes(c) for c in small + other)
     pairs = [(b, c) for b in (twin, chunk) for c in small + other + [big]]
     units = schedule(pairs)
-    assert units[0] == [(twin, big), (chunk, big)]  # big cases first, together, one at a time
-    assert sorted(len(u) for u in units[1:]) == [1, 1, 4, 4]
-    assert units[1][0][0] is chunk  # the long compile (hint) starts first
-    for u in units[1:]:
-        assert len({(b.name, compile_key(b, c)) for b, c in u}) == 1
     assert sum(len(u) for u in units) == len(pairs)
+    for u in units:
+        assert len({(b.name, compile_key(b, c)) for b, c in u}) == 1  # one compile per unit
+    assert [b for u in units[:3] for b, _ in u] == [chunk] * 6  # the long compiles (hint) start first,
+    assert units[0] == [(chunk, big)] and units[3] == [(twin, big)]  # the biggest case first of each
+    assert [len(u) for u in units] == [1, 4, 1, 1, 4, 1]  # then the larger units
+
+
+def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
+    """With a budget of one case at a time, two lanes never hold two cases at once."""
+    import gdncheck.run as R
+
+    import time as _time
+
+    spans = []
+    real = R.Lane.run
+
+    def timed(self, *a):
+        t0 = _time.monotonic()
+        res = real(self, *a)
+        spans.append((t0, _time.monotonic()))
+        return res
+
+    monkeypatch.setattr(R.Lane, "run", timed)
+    monkeypatch.setattr(R, "memory_budget", lambda device: 1)
+    suite = _suite(tmp_path, [1, 2])
+    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r.jsonl", device="cpu",
+              progress=False, jobs=2)
+    _, res = load_results(out)
+    assert len(res) == 12 and all(r.status == "ok" for r in res)
+    spans.sort()
+    assert len(spans) == 12 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+    monkeypatch.setattr(R, "memory_budget", lambda device: 1 << 40)
+    spans.clear()
+    run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r2.jsonl", device="cpu",
+        progress=False, jobs=2)
+    spans.sort()
+    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # with room, the lanes do overlap

@@ -58,7 +58,7 @@ class Capabilities(BaseModel):
     custom_scale: bool = True
     padding: set[str] = Field(default_factory=lambda: {"skip", "null_slot", "caller_value"},
                               description="padding policies this backend can honour")
-    device: str = "cpu"
+    device: str = Field("cpu", description="where it runs: 'cpu' (always the CPU), 'cuda', or 'any' (the run's device)")
 
 
 class Backend:

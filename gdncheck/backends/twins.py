@@ -112,7 +112,7 @@ class _Twin(Backend):
     """Shared machinery of the precision twins (see the module docstring)."""
 
     family = "twin"
-    caps = Capabilities(gqa=True, device="cpu")
+    caps = Capabilities(gqa=True, device="any")
     zero_length_policy = "passthrough"
     # family specifics, set by subclasses
     _inv_dtype: torch.dtype | None = None  # dtype of (I + A)^-1 in prefill; None = input dtype
@@ -260,6 +260,12 @@ class _Twin(Backend):
         return f"{case.op}.{'chunk' if case.op == 'prefill' else 'recurrent'}"
 
     def run(self, inputs: Inputs) -> Outputs:
+        # tensors the twin creates (masks, index maps, buffers) go where the inputs are: the same
+        # arithmetic runs on the CPU (CI) and beside a kernel on its GPU
+        with torch.device(inputs.q.device):
+            return self._run(inputs)
+
+    def _run(self, inputs: Inputs) -> Outputs:
         c, cd = inputs.case, self.cdt
         policy = self.policy(c)
         B, T, H, HV, HS, K, V, N = c.B, c.T, c.H, c.HV, c.HS, c.K, c.V, c.N

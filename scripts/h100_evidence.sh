@@ -37,6 +37,8 @@ warm() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RU
            FLASHINFER_WORKSPACE_BASE="$RUNS/cache/$1/flashinfer"; }
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 step_gate_smoke() { cold smoke; timed gate_smoke gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke" --no-progress; }
+# The same tier again on the caches the cold run left (a persistent runner's second run).
+step_gate_smoke_warm() { warm smoke; timed gate_smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke_warm" --no-progress; }
 step_models() { cold models; timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render; }
 step_gate_full() { cold full; timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress; }
 # One GPU: the smoke tier unsharded, then as two shards merged; both on warm caches.

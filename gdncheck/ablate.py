@@ -342,6 +342,10 @@ class ArmRunner:
             self._refs[key] = _Ref(exp, tokens)
         return self._refs[key]
 
+    def forget_references(self) -> None:
+        """Drop cached references: one serves the two arms of a unit, the next task has others."""
+        self._refs.clear()
+
     def run(self, unit: Case, arm: int, origin: str | None = None, defer_flips: bool = False) -> dict:
         """One arm of one unit -> a JSON-able record (status, digest, errors, flips).
 
@@ -735,11 +739,6 @@ def _worker_errors(units: list[tuple[Case, str]], arm: int, spec: str, e: BaseEx
 
 # ---------------------------------------------------------------- worker processes
 
-def compile_key(unit: Case) -> tuple:
-    """Fields of an (arm-A) unit that select a compiled kernel: units sharing it share one task."""
-    return (unit.op, unit.H, unit.HV, unit.K, unit.V, unit.dtype, unit.state_dtype, unit.layout, unit.gate_source)
-
-
 @dataclass
 class _Task:
     """Units ``ks`` (indices into ``units_for``) of switch ``i`` on backend spec ``j``.
@@ -762,6 +761,8 @@ def _worker_init(threads: int) -> None:
 
 def _task_units(sw: Switch, spec: str, device: str, vocab: int, units_json: list[tuple[str, str]]) -> list[list[dict]]:
     """Worker entry: each unit's records (``[arm A]`` or ``[arm A, arm B]``), as the one-process path makes them."""
+    from gdncheck.run import release_device_memory
+
     key = (repr(sw), spec, device, vocab)
     if key not in _RUNNERS:
         _RUNNERS[key] = ArmRunner(sw, spec, device, vocab)
@@ -769,9 +770,8 @@ def _task_units(sw: Switch, spec: str, device: str, vocab: int, units_json: list
     try:
         return [_unit_pair(runner, Case.model_validate_json(u), o) for u, o in units_json]
     finally:
-        runner._refs.clear()  # a reference serves the two arms of one unit; the next task has others
-        if torch.cuda.is_available() and torch.cuda.memory_reserved() > 2 << 30:
-            torch.cuda.empty_cache()  # hand a big task's memory back to the workers sharing the GPU
+        runner.forget_references()
+        release_device_memory()
 
 
 def _task_spec(sw: Switch, spec: str, device: str, vocab: int, units_json: list[tuple[str, str]]) -> list[dict]:
@@ -780,19 +780,23 @@ def _task_spec(sw: Switch, spec: str, device: str, vocab: int, units_json: list[
 
 
 def _make_tasks(switches: list[Switch], specs: list[str], units: list[list[tuple[Case, str]]]) -> list[_Task]:
-    """Tasks in start order: most units first (compiles dominate, so the longest go first), then (i, j, k)."""
+    """Tasks in start order: most units first (compiles dominate, so the longest go first), then (i, j, k).
+    A task holds the units of one compile key of its backend (:func:`gdncheck.run.compile_key`, on
+    the arm-A unit), so kernels compile once per task."""
+    from gdncheck.run import compile_key
+
     tasks = []
+    backends = [load_backend(spec) for spec in specs]
     for i, sw in enumerate(switches):
-        own_env = isinstance(sw, FastMath)
-        for j, spec in enumerate(specs):
+        for j, be in enumerate(backends):
             if not units[i]:
                 continue
-            if own_env and _needs_own_env(sw, load_backend(spec)):
+            if _needs_own_env(sw, be):
                 tasks.append(_Task(i, j, list(range(len(units[i]))), whole=True))
                 continue
             groups: dict[tuple, list[int]] = {}
             for k, (u, _) in enumerate(units[i]):
-                groups.setdefault(compile_key(u), []).append(k)
+                groups.setdefault(compile_key(be, u), []).append(k)
             tasks += [_Task(i, j, ks) for ks in groups.values()]
     return sorted(tasks, key=lambda t: (-len(t.ks), t.i, t.j, t.ks[0]))
 
@@ -835,9 +839,10 @@ def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cas
             res.groups += summarize(recs, sw, n_boot=n_boot)
             finished[0] += 1
 
+    from gdncheck.run import worker_threads
+
     ctx = mp.get_context("spawn")
-    # a share of the cores each, and never more than this process uses (OMP_NUM_THREADS, a caller's cap)
-    threads = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
+    threads = worker_threads(jobs)
     lanes: list[ProcessPoolExecutor | None] = [None] * min(jobs, len(tasks))
     running: dict = {}  # future -> (lane, task)
 

@@ -19,7 +19,6 @@ import threading
 import time
 import traceback
 import uuid
-from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Iterable
@@ -108,10 +107,15 @@ def shard_of(case: Case, backend_name: str, n: int) -> int:
 CPU_POOL_LIMIT_BYTES = 1 << 30
 
 
+def pool_elements(case: Case) -> int:
+    """Elements of the case's pool (or of its N initial states): ``rows * HS * K * V``."""
+    rows = case.pool_size if case.pool_size is not None else case.N
+    return rows * case.HS * case.K * case.V
+
+
 def too_large(case: Case, device: torch.device) -> str | None:
     """Reason a case cannot run on ``device`` for memory, or None."""
-    rows = case.pool_size if case.pool_size is not None else case.N
-    nbytes = rows * case.HS * case.K * case.V * 8
+    nbytes = pool_elements(case) * 8
     if device.type == "cpu" and nbytes > CPU_POOL_LIMIT_BYTES:
         return (f"pool of {nbytes / 2**30:.1f} GiB in float64 exceeds the CPU limit of "
                 f"{CPU_POOL_LIMIT_BYTES / 2**30:.0f} GiB per case; run it on a GPU")
@@ -209,7 +213,7 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
             try:
                 twin_out = twin.run(before.clone(backend_device(twin, dev)))
             except Exception as e:  # noqa: BLE001 - the twin only refines the floor
-                if _is_oom(e):
+                if _is_oom(str(e)):
                     raise
                 extra["twin_error"] = f"{type(e).__name__}: {e}"[:500]
         m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)
@@ -222,8 +226,20 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
                       metrics=m, contracts=contracts, timing=timing, extra=extra, **base), out
 
 
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+def _is_oom(text: str) -> bool:
+    """An out-of-memory error (torch's and CUDA's texts both say so), from its text or a result's reason."""
+    return "out of memory" in text.lower()
+
+
+def release_device_memory() -> None:
+    """Hand a big case's cached device memory back to the other processes sharing the GPU."""
+    if torch.cuda.is_available() and torch.cuda.memory_reserved() > 2 << 30:
+        torch.cuda.empty_cache()
+
+
+def worker_threads(jobs: int) -> int:
+    """torch CPU threads per worker: a share of the cores, never more than this process uses."""
+    return max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) // jobs))
 
 
 # ---------------------------------------------------------------- worker processes
@@ -252,8 +268,7 @@ def _worker_main(conn, device: str, worker: str, threads: int | None) -> None:
         conn.send(res.model_dump_json())
         if res.status == "crash":
             break  # the CUDA context may be poisoned; the parent starts a fresh worker
-        if torch.cuda.is_available() and torch.cuda.memory_reserved() > 2 << 30:
-            torch.cuda.empty_cache()  # hand a big case's memory back to the other workers
+        release_device_memory()
 
 
 class Lane:
@@ -307,28 +322,12 @@ class Lane:
             p.join(5)
 
 
-class IsolatedBackend:
-    """Runs one backend's cases in a :class:`Lane` of its own."""
-
-    def __init__(self, spec: str, device: str, twin_spec: str | None, timeout_s: float = 900.0):
-        self.spec, self.twin_spec = spec, twin_spec
-        self._lane = Lane(device, spec, timeout_s)
-
-    def run(self, case: Case, base_result: dict) -> CaseResult:
-        return self._lane.run(self.spec, self.twin_spec, case, base_result)
-
-    def close(self, kill: bool = False) -> None:
-        self._lane.close(kill)
-
-
 def case_bytes(case: Case) -> int:
     """Rough peak device bytes of one case: float64 pools (input, expected) beside the kernel's
     copies, and token tensors in float64 through the chunked oracle and the twin (calibrated on
     an H100: 23 GB for T = 8192, HV = 64, K = V = 128, N = 4)."""
-    rows = case.pool_size if case.pool_size is not None else case.N
-    state = rows * case.HS * case.K * case.V
     tokens = case.T * case.HS * (case.K + case.V)
-    return 8 * (4 * state + 24 * tokens)
+    return 8 * (4 * pool_elements(case) + 24 * tokens)
 
 
 def memory_budget(device: str) -> int:
@@ -413,7 +412,8 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
     ``jobs > 1`` runs that many worker processes side by side on ``device`` (implies isolation):
     each takes whole compile-key units (:func:`schedule`), so kernels compile in parallel and
     each compiles once; cases start within a device-memory budget, and one that runs out of
-    memory beside the others anyway is rerun alone at the end. Kernel and compile times of parallel workers overlap and include contention.
+    memory beside the others anyway is rerun alone at the end. Kernel and compile times of
+    parallel workers overlap and include contention.
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -470,16 +470,16 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
             if jobs > 1:
                 _run_lanes(todo, jobs, device, specs, twin_for, base_of, record)
             elif isolate:
-                lanes: dict[str, IsolatedBackend] = {}
+                lanes: dict[str, Lane] = {}  # one worker process per backend
                 try:
                     for b, c in todo:
-                        r = lanes.get(b.name)
-                        if r is None:
-                            r = lanes[b.name] = IsolatedBackend(specs[b.name], device, twin_for(b))
-                        record(b, c, r.run(c, base_of(b, c)))
+                        if b.name not in lanes:
+                            lanes[b.name] = Lane(device, b.name)
+                        lane = lanes[b.name]
+                        record(b, c, lane.run(specs[b.name], twin_for(b), c, base_of(b, c)))
                 finally:
-                    for r in lanes.values():
-                        r.close()
+                    for lane in lanes.values():
+                        lane.close()
             else:
                 for b, c in todo:
                     tname = twin_for(b)
@@ -490,16 +490,12 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
     return out
 
 
-def _out_of_memory(res: CaseResult) -> bool:
-    return res.status == "error" and "out of memory" in (res.reason or "").lower()
-
-
 def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
     """Run ``todo`` in ``jobs`` lanes (threads here, one worker process each) over :func:`schedule`'s
     units. A case starts only while the cases in flight leave room for it in :func:`memory_budget`
     (alone it always starts); one that runs out of memory anyway is rerun alone at the end."""
     units = schedule(todo)
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = worker_threads(jobs)
     lanes = [Lane(device, f"lane{i}", threads=threads) for i in range(min(jobs, max(1, len(units))))]
     budget = memory_budget(device)
     lock = threading.Condition()
@@ -526,7 +522,7 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
                     with lock:
                         held[0] -= need
                         lock.notify_all()
-                if _out_of_memory(res):
+                if res.status == "error" and _is_oom(res.reason or ""):
                     with lock:
                         retry.append((b, c))
                     continue

@@ -269,3 +269,25 @@ def test_capability_matrix_marks_ok_wrong_and_unsupported(tmp_path):
     assert cells["slot >= 4096"][exact]["text"] == "–"
     md = matrix.markdown(m)
     assert md.count("\n") == len(matrix.FEATURES) + 2
+
+
+def test_matrix_cli_joins_runs_in_header_order(tmp_path):
+    import sys as _sys
+    from pathlib import Path as _P
+
+    _sys.path.insert(0, str(_P(__file__).parent))
+    from crashy_backend import mini_suite
+    from typer.testing import CliRunner
+
+    from gdncheck.cli import app
+    from gdncheck.run import run as _run
+
+    suite = mini_suite(tmp_path, (1,))
+    a = _run([str(suite)], ["twin-fla"], tmp_path / "a.jsonl", device="cpu", isolate=False, progress=False)
+    b = _run([str(suite)], ["crashy_backend:exact"], tmp_path / "b.jsonl", device="cpu", isolate=False,
+             progress=False)
+    r = CliRunner().invoke(app, ["report", "matrix", str(a), str(b), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 0, r.output
+    m = json.loads((tmp_path / "m" / "matrix.json").read_text())
+    assert m["backends"] == ["twin-fla", "test-exact"]
+    assert m["cells"]["prefill"]["twin-fla"]["text"] == "ok 1" and m["cells"]["prefill"]["test-exact"]["text"] == "ok 1"

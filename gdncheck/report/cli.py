@@ -121,11 +121,12 @@ def register(app: typer.Typer) -> None:
 
     @rep.command("matrix")
     def matrix_cmd(
-        results: Path = typer.Argument(..., help="results JSONL"),
+        results: list[Path] = typer.Argument(..., help="results JSONL (several: one matrix over all)"),
         budgets: list[Path] = typer.Option([], "--budgets", help="TOML merged over the shipped budgets (repeatable)"),
         out: Path | None = typer.Option(None, "--out", help="write matrix.md and matrix.json into this directory"),
     ):
-        """Capability matrix (backend x feature: ok / unsupported with reason / wrong), judged by the gate."""
+        """Capability matrix (backend x feature: ok / unsupported with reason / wrong), judged by the gate;
+        backend columns in the order of the runs' headers."""
         from gdncheck.gate import GateConfigError, judge, load_budgets
         from gdncheck.report import matrix
 
@@ -134,8 +135,12 @@ def register(app: typer.Typer) -> None:
         except GateConfigError as e:
             console.print(f"[red]error:[/red] {e}", soft_wrap=True)
             raise typer.Exit(2) from None
-        _, rs = _load(results)
-        m = matrix.build(rs, lambda r: judge(r, b))
+        order, rs = [], []
+        for path in results:
+            header, part = _load(path)
+            order += header.backends
+            rs += part
+        m = matrix.build(rs, lambda r: judge(r, b), order)
         md = matrix.markdown(m)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)

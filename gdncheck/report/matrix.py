@@ -79,9 +79,11 @@ def cell(results: list[CaseResult], judge: Callable[[CaseResult], list]) -> dict
     return d
 
 
-def build(results: list[CaseResult], judge: Callable[[CaseResult], list]) -> dict:
-    """``{"backends": [...], "features": [...], "cells": {feature: {backend: cell}}}``."""
-    backends = list(dict.fromkeys(r.backend for r in results))
+def build(results: list[CaseResult], judge: Callable[[CaseResult], list], order: list[str] = ()) -> dict:
+    """``{"backends": [...], "features": [...], "cells": {feature: {backend: cell}}}``; backends in
+    ``order`` (e.g. the run headers' lists), then any others as they first appear."""
+    seen = {r.backend for r in results}
+    backends = list(dict.fromkeys([b for b in order if b in seen] + [r.backend for r in results]))
     cells = {}
     for feat, pred in FEATURES.items():
         row = {}

@@ -781,9 +781,9 @@ def _task_spec(sw: Switch, spec: str, device: str, vocab: int, units_json: list[
 
 def _make_tasks(switches: list[Switch], specs: list[str], units: list[list[tuple[Case, str]]]) -> list[_Task]:
     """Tasks in start order: most units first (compiles dominate, so the longest go first), then (i, j, k).
-    A task holds the units of one compile key of its backend (:func:`gdncheck.run.compile_key`, on
+    A task holds the units of one schedule key of its backend (:func:`gdncheck.run.schedule_key`, on
     the arm-A unit), so kernels compile once per task."""
-    from gdncheck.run import compile_key
+    from gdncheck.run import schedule_key
 
     tasks = []
     backends = [load_backend(spec) for spec in specs]
@@ -796,7 +796,7 @@ def _make_tasks(switches: list[Switch], specs: list[str], units: list[list[tuple
                 continue
             groups: dict[tuple, list[int]] = {}
             for k, (u, _) in enumerate(units[i]):
-                groups.setdefault(compile_key(be, u), []).append(k)
+                groups.setdefault(schedule_key(be, u), []).append(k)
             tasks += [_Task(i, j, ks) for ks in groups.values()]
     return sorted(tasks, key=lambda t: (-len(t.ks), t.i, t.j, t.ks[0]))
 

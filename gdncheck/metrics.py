@@ -34,7 +34,7 @@ _INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.floa
              torch.float64: torch.int64}
 _SIGN_MASK = {torch.int16: 0x7FFF, torch.int32: 0x7FFFFFFF}
 
-__all__ = ["tensor_metrics", "evaluate", "ordered_int", "ulp_distance", "rel_l2", "bits_equal",
+__all__ = ["tensor_metrics", "evaluate", "ordered_int", "ulp_distance", "rel_l2", "bits_equal", "nearest_rank",
            "token_rows"]
 
 
@@ -77,11 +77,47 @@ def bits_equal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.contiguous().view(iv) == b.contiguous().view(iv)
 
 
-def _kth(x: torch.Tensor, q: float) -> float:
-    """Nearest-rank quantile (works above torch.quantile's size limit)."""
+# Quantiles below this many ULPs come from one bincount; only the elements above it are sorted.
+_ULP_BINS = 1 << 16
+
+
+def nearest_rank(x: torch.Tensor, qs: tuple[float, ...]) -> list[float]:
+    """Nearest-rank quantiles ``qs`` of a non-negative int64 tensor (exact, any size).
+
+    Above torch.quantile's size limit; and unlike ``torch.kthvalue`` on CUDA, which selects in a
+    single thread block per slice, it stays fast on a whole pool: a bincount of the values below
+    ``_ULP_BINS`` answers ranks that fall there, the (few) larger values are sorted for the rest.
+    """
+    x = x.reshape(-1)
     n = x.numel()
-    k = min(n, max(1, int(round(q * (n - 1))) + 1))
-    return float(torch.kthvalue(x.reshape(-1), k).values.item())
+    ks = [min(n, max(1, int(round(q * (n - 1))) + 1)) for q in qs]
+    below = torch.cumsum(torch.bincount(x.clamp(max=_ULP_BINS), minlength=_ULP_BINS + 1)[:_ULP_BINS], 0)
+    n_below = int(below[-1].item())
+    big = None
+    out = []
+    for k in ks:
+        if k <= n_below:
+            out.append(float(torch.searchsorted(below, k).item()))
+        else:
+            if big is None:
+                big = torch.sort(x[x >= _ULP_BINS]).values
+            out.append(float(big[k - n_below - 1].item()))
+    return out
+
+
+def _select(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Elements of ``t`` where ``mask`` (broadcastable) holds, flattened. A mask over leading dims
+    only (trailing dims of size 1, as for rows and tokens) selects whole rows without expanding."""
+    if mask is None:
+        return t.reshape(-1)
+    mask = mask.to(t.device)
+    lead = mask
+    if lead.dim() == t.dim():
+        while lead.dim() > 1 and lead.shape[-1] == 1:
+            lead = lead.squeeze(-1)
+        if tuple(lead.shape) == tuple(t.shape[:lead.dim()]):
+            return t.reshape(-1) if bool(lead.all()) else t[lead].reshape(-1)
+    return t[mask.expand(t.shape)]
 
 
 def _ratio(num: float | None, den: float | None) -> float | None:
@@ -110,24 +146,23 @@ def tensor_metrics(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype |
     dt = _dtype(dtype)
     dev = actual.device
     ref = ref.to(device=dev)
-    if mask is None:
-        mask = torch.ones(actual.shape, dtype=torch.bool, device=dev)
-    else:
-        mask = mask.to(dev).expand(actual.shape)
-    a_all, r_all = actual[mask], ref[mask]
+    a_all, r_all = _select(actual, mask), _select(ref, mask)
     count = int(a_all.numel())
     a_fin, r_fin = torch.isfinite(a_all), torch.isfinite(r_all)
     nan = int(torch.isnan(a_all).sum().item())
     inf = int(torch.isinf(a_all).sum().item())
     unwritten = 0
     if poison_mask is not None:
-        pm = poison_mask.to(dev).expand(actual.shape)[mask]
+        pm = _select(poison_mask.to(dev).expand(actual.shape), mask)
         unwritten = int((torch.isnan(a_all) & pm & r_fin).sum().item())
     m = TensorMetrics(count=count, nan=nan, inf=inf, unwritten=unwritten)
     if count == 0:
         return m
     both = a_fin & r_fin
-    a64, r64 = a_all[both].to(F64), r_all[both].to(F64)
+    every = bool(both.all())
+    a_b = a_all if every else a_all[both]
+    a64 = a_b.to(F64)
+    r64 = r_all.to(F64) if every else r_all[both].to(F64)
     if a64.numel() == 0:
         return m
     err = (a64 - r64).abs()
@@ -137,6 +172,7 @@ def tensor_metrics(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype |
     m.rel_l2 = rel_l2(a64, r64)
     m.max_abs = float(err.max().item())
     m.max_rel = float((err / torch.clamp(r64.abs(), min=floor)).max().item())
+    del err
     na, nr = torch.linalg.vector_norm(a64).item(), torch.linalg.vector_norm(r64).item()
     if na == 0 and nr == 0:
         m.cosine = 1.0
@@ -144,12 +180,15 @@ def tensor_metrics(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype |
         m.cosine = 0.0
     else:
         m.cosine = float(torch.dot(a64, r64).item() / (na * nr))
-    ulp = ulp_distance(a_all[both], r64, dt)
-    m.ulp_p50, m.ulp_p99, m.ulp_max = _kth(ulp, 0.5), _kth(ulp, 0.99), float(ulp.max().item())
+    del a64
+    ulp = ulp_distance(a_b, r64, dt)
+    (m.ulp_p50, m.ulp_p99), m.ulp_max = nearest_rank(ulp, (0.5, 0.99)), float(ulp.max().item())
+    del ulp
     m.floor_rel_l2 = rel_l2(r64.to(dt), r64)
     m.in_floors = _ratio(m.rel_l2, m.floor_rel_l2)
     if twin is not None:
-        tw = twin.to(dev)[mask][both]
+        tw = _select(twin.to(dev), mask)
+        tw = tw if every else tw[both]
         m.twin_rel_l2 = rel_l2(tw, r64) if torch.isfinite(tw).all() else float("nan")
         m.in_twins = _ratio(m.rel_l2, m.twin_rel_l2)
     return m

@@ -96,6 +96,13 @@ def compile_key(backend: Backend, case: Case) -> tuple:
             case.state_dtype, case.layout, case.scale, case.l2norm, case.gate_source, case.intermediate)
 
 
+def schedule_key(backend: Backend, case: Case) -> tuple:
+    """Cases with equal keys run in one process, one after another: the compile key, or a coarser
+    key where the backend's kernels share compiled or autotuned state across compile keys."""
+    fn = getattr(backend, "schedule_key", None)
+    return tuple(fn(case)) if fn is not None else compile_key(backend, case)
+
+
 def shard_of(case: Case, backend_name: str, n: int) -> int:
     """Deterministic shard of a (case, backend) pair."""
     h = hashlib.sha256(f"{case.id}:{backend_name}".encode()).hexdigest()
@@ -258,13 +265,25 @@ def _worker_main(conn, device: str, worker: str, threads: int | None) -> None:
         msg = conn.recv()
         if msg is None:
             break
+        if msg[0] == "?":  # availability of a backend in a worker process
+            try:
+                why = load_backend(msg[1]).available()
+            except Exception:  # noqa: BLE001 - the run reports it on the first case
+                why = None
+            conn.send(why)
+            continue
         spec, twin_spec, case_json = msg
         for s in (spec, twin_spec):
             if s not in backends:
                 backends[s] = load_backend(s)
         case = Case.model_validate_json(case_json)
+        cuda = device.startswith("cuda") and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
         res = run_case(backends[spec], case, device=device, seen_keys=seen.setdefault(spec, set()),
                        twin=backends[twin_spec], worker=worker)
+        if cuda and res.status != "unsupported":
+            res.timing.peak_gib = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         conn.send(res.model_dump_json())
         if res.status == "crash":
             break  # the CUDA context may be poisoned; the parent starts a fresh worker
@@ -307,6 +326,19 @@ class Lane:
         self.close(kill=True)
         return CaseResult(status="crash", reason=reason, **base_result)
 
+    def available(self, spec: str) -> str | None:
+        """``available()`` of backend ``spec`` as a worker process sees it (None if it cannot say)."""
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        try:
+            self._conn.send(("?", spec))
+            if self._conn.poll(self.timeout_s):
+                return self._conn.recv()
+        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
+            pass
+        self.close(kill=True)
+        return None
+
     def close(self, kill: bool = False) -> None:
         if self._proc is None:
             return
@@ -344,17 +376,18 @@ def memory_budget(device: str) -> int:
 def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
     """Pairs in work units for parallel lanes, in start order.
 
-    A unit is one backend's cases of one compile key, compiled once in one process. Longest units
-    start first: by the backend's compile hint, then memory (big cases take longer), then size.
+    A unit is one backend's cases of one :func:`schedule_key`, compiled once in one process.
+    Longest units start first: by the backend's compile hint, then memory (big cases take
+    longer), then size.
     """
     units: dict[tuple, list] = {}
     for b, c in pairs:
-        units.setdefault((b.name, repr(compile_key(b, c))), []).append((b, c))
+        units.setdefault((b.name, repr(schedule_key(b, c))), []).append((b, c))
 
     def cost(u) -> float:
         return u[0][0].compile_hint_s + max(case_bytes(c) for _, c in u) / (1 << 30) + 0.05 * len(u)
 
-    return sorted(units.values(), key=lambda u: (-cost(u), u[0][0].name, repr(compile_key(u[0][0], u[0][1]))))
+    return sorted(units.values(), key=lambda u: (-cost(u), u[0][0].name, repr(schedule_key(u[0][0], u[0][1]))))
 
 
 # ---------------------------------------------------------------- the run
@@ -467,6 +500,8 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
                         on_result(res)
                     bar.update(task, advance=1, last=f"{b.name} {c.name or c.id}: {res.status}")
 
+            if isolate:  # declared limits need no worker (nor a share of the memory budget)
+                todo = [(b, c) for b, c in todo if not _unsupported_here(b, c, device, base_of, record)]
             if jobs > 1:
                 _run_lanes(todo, jobs, device, specs, twin_for, base_of, record)
             elif isolate:
@@ -490,6 +525,17 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
     return out
 
 
+def _unsupported_here(b: Backend, c: Case, device: str, base_of, record) -> bool:
+    """Record ``(b, c)`` as unsupported when its declared capabilities or its size rule it out."""
+    try:
+        why = b.supports(c) or too_large(c, backend_device(b, device))
+    except Exception:  # noqa: BLE001 - a plugin's supports() that raises: its worker reports it
+        return False
+    if why:
+        record(b, c, CaseResult(status="unsupported", reason=why, **base_of(b, c)))
+    return bool(why)
+
+
 def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
     """Run ``todo`` in ``jobs`` lanes (threads here, one worker process each) over :func:`schedule`'s
     units. A case starts only while the cases in flight leave room for it in :func:`memory_budget`
@@ -501,6 +547,8 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
     lock = threading.Condition()
     held = [0]
     retry: list[tuple[Backend, Case]] = []
+    absent: dict[str, str | None] = {}  # backend spec -> why it is not available in a worker
+    t_run = time.perf_counter()
 
     def drive(lane: Lane) -> None:
         while True:
@@ -509,13 +557,21 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
                     return
                 unit = units.pop(0)
             for b, c in unit:
+                spec = specs[b.name]
+                if spec not in absent:
+                    absent[spec] = lane.available(spec)
+                if absent[spec]:
+                    record(b, c, CaseResult(status="unsupported", reason=absent[spec], **base_of(b, c)))
+                    continue
                 need = case_bytes(c)
                 with lock:
                     while held[0] and held[0] + need > budget:
                         lock.wait()
                     held[0] += need
+                start = time.perf_counter() - t_run
                 try:
-                    res = lane.run(specs[b.name], twin_for(b), c, base_of(b, c))
+                    res = lane.run(spec, twin_for(b), c, base_of(b, c))
+                    res.timing.start_s = round(start, 3)
                 except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
                     res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
                 finally:

@@ -23,6 +23,14 @@ step_env() {
   python -c "import torch, triton, flashinfer, fla; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, 'flashinfer', flashinfer.__version__, 'fla', getattr(fla, '__version__', '?'))" >> "$RUNS/gpu.txt" 2>&1
   cat "$RUNS/gpu.txt"
 }
+# sample NAME: host load and GPU use every 5 s into $RUNS/NAME.util.tsv (in the background)
+sample() {
+  while sleep 5; do
+    printf '%s\t%s\t%s\n' "$(date +%s)" "$(cut -d' ' -f1 /proc/loadavg)" \
+      "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits | tr -d ' ')"
+  done > "$RUNS/$1.util.tsv"
+}
+step_quantile() { timed bench_quantile python scripts/bench_quantile.py --device cuda; }
 step_bench() { timed bench_oracle gdncheck bench oracle --device cuda --json "$RUNS/bench_oracle.json"; }
 step_digests() {
   for id in $(cat reports/digest_ids.txt); do
@@ -39,7 +47,11 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 step_gate_smoke() { cold smoke; timed gate_smoke gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke" --no-progress; }
 # The same tier again on the caches the cold run left (a persistent runner's second run).
 step_gate_smoke_warm() { warm smoke; timed gate_smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke_warm" --no-progress; }
-step_models() { cold models; timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render; }
+step_models() {
+  cold models; sample models & local sp=$!
+  timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render
+  kill $sp
+}
 step_gate_full() { cold full; timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress; }
 # One GPU: the smoke tier unsharded, then as two shards merged; both on warm caches.
 step_smoke_shards() {
@@ -53,10 +65,13 @@ step_smoke_shards() {
   timed compare_shards gdncheck report compare "$RUNS/smoke_warm/results.jsonl" "$RUNS/smoke_merged.jsonl" \
     --json "$RUNS/smoke_shards_compare.json"
 }
+# On the caches of the models step. The backends that take g and beta or a state dtype from the caller.
 step_ablate() {
-  warm full
-  timed ablate gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 -j "$J" \
-    --no-progress --out "$RUNS/ablate"
+  warm models; sample ablate & local sp=$!
+  timed ablate gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 -j "${JA:-8}" \
+    -b twin-fla -b twin-flashinfer -b fla-chunk -b fla-recurrent -b flashinfer-prefill -b flashinfer-decode \
+    -b flashinfer-mtp --no-progress --out "$RUNS/ablate"
+  kill $sp
 }
 step_drift() {
   timed drift_position timeout 200 gdncheck drift position -b flashinfer-prefill -b fla-chunk --T 16384 --bins 32 --vocab 151936 \
@@ -68,7 +83,7 @@ step_gputests() { warm full; timed gpu_tests timeout 300 python -m pytest -q -m 
 # Steps share one time budget so the packing below always runs inside the call's limit.
 export -f log timed gdncheck $(declare -F | awk '/step_/{print $3}')
 export RUNS J
-export -f cold warm
+export -f cold warm sample
 timeout "${BUDGET_S:-540}" bash -c 'for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
 echo "steps ended with rc=$?"
 tar czf "$OUT/h100.tgz" -C "$RUNS" --exclude ./cache . && ls -la "$OUT"

@@ -39,6 +39,19 @@ def exact() -> Exact:
     return Exact()
 
 
+class Absent(Exact):
+    """A backend whose package is missing: every case is unsupported for that reason."""
+
+    name = "test-absent"
+
+    def available(self):
+        return "test-absent: package not installed (simulated)"
+
+
+def absent() -> Absent:
+    return Absent()
+
+
 def crashy() -> Crashy:
     return Crashy()
 

@@ -6,7 +6,7 @@ import torch
 
 from gdncheck.backends.base import Outputs
 from gdncheck.cases import Case, materialize
-from gdncheck.metrics import evaluate, ordered_int, rel_l2, tensor_metrics, ulp_distance
+from gdncheck.metrics import _ULP_BINS, evaluate, nearest_rank, ordered_int, rel_l2, tensor_metrics, ulp_distance
 from gdncheck.oracle import expected
 
 BF, FP, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
@@ -59,6 +59,34 @@ def test_ordered_int_is_monotonic():
 
 
 # ---------------------------------------------------------------- continuous metrics
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_nearest_rank_equals_a_sort(seed):
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(1, 5000, (1,), generator=g))
+    # a bulk of small distances, a tail past the bincount range, and ties at its edge
+    x = torch.randint(0, 50, (n,), generator=g)
+    tail = torch.rand(n, generator=g) < [0.0, 0.005, 0.3, 0.9][seed]
+    x[tail] = torch.randint(_ULP_BINS - 2, 1 << 40, (int(tail.sum()),), generator=g)
+    qs = (0.0, 0.5, 0.9, 0.99, 1.0)
+    s = torch.sort(x).values
+    want = [float(s[min(n, max(1, round(q * (n - 1)) + 1)) - 1]) for q in qs]
+    assert nearest_rank(x, qs) == want
+
+
+def test_row_mask_and_trailing_mask_select_the_same_elements():
+    """A mask over leading dims (rows) and one broadcast from the right (last dim) must not be
+    confused when the sizes coincide (B == V here)."""
+    g = torch.Generator().manual_seed(5)
+    r = torch.randn(4, 3, 4, dtype=F64, generator=g)
+    a = (r + 1e-3 * torch.randn(4, 3, 4, dtype=F64, generator=g)).to(F32)
+    lead = torch.tensor([True, False, True, True])
+    for mask in (lead.view(4, 1, 1), lead):  # rows 0, 2, 3 / last-dim elements 0, 2, 3
+        full = mask.expand(a.shape)
+        m = tensor_metrics(a, r, F32, mask=mask)
+        assert m.count == int(full.sum())
+        assert m.rel_l2 == pytest.approx(rel_l2(a[full], r[full]), rel=1e-12)
+
 
 def test_known_metrics():
     ref = torch.tensor([3.0, 4.0], dtype=F64)

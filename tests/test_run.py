@@ -138,7 +138,7 @@ def test_jobs_rerun_out_of_memory_cases_alone(tmp_path, monkeypatch):
 def test_schedule_units_are_compile_keys_longest_first():
     from gdncheck.backends import load_backend
     from gdncheck.cases import Case
-    from gdncheck.run import case_bytes, compile_key, schedule
+    from gdncheck.run import case_bytes, compile_key, schedule, schedule_key
 
     chunk, twin = load_backend("fla-chunk"), load_backend("twin-fla")
     small = [Case(op="decode", seqlens=[1] * n, H=2, HV=4, seed=s) for n in (1, 8) for s in (1, 2)]
@@ -153,6 +153,23 @@ def test_schedule_units_are_compile_keys_longest_first():
     assert [b for u in units[:3] for b, _ in u] == [chunk] * 6  # the long compiles (hint) start first,
     assert units[0] == [(chunk, big)] and units[3] == [(twin, big)]  # the biggest case first of each
     assert [len(u) for u in units] == [1, 4, 1, 1, 4, 1]  # then the larger units
+
+
+def test_fla_units_join_the_ops_of_one_shape():
+    """fla-chunk's prefill and decode of one shape are one unit (shared autotuning) yet keep
+    their own compile keys (compile time is measured per key); other shapes stay apart."""
+    from gdncheck.backends import load_backend
+    from gdncheck.cases import Case
+    from gdncheck.run import compile_key, schedule
+
+    chunk = load_backend("fla-chunk")
+    pre = Case(op="prefill", seqlens=[5, 9], H=2, HV=4, gate_source="precomputed", seed=1)
+    dec = Case(op="decode", seqlens=[1] * 3, H=2, HV=4, gate_source="raw", seed=2)
+    wide = Case(op="decode", seqlens=[1] * 3, H=4, HV=8, gate_source="raw", seed=3)
+    assert compile_key(chunk, pre) != compile_key(chunk, dec)
+    units = schedule([(chunk, c) for c in (pre, dec, wide)])
+    assert sorted(len(u) for u in units) == [1, 2]
+    assert {c.id for _, c in max(units, key=len)} == {pre.id, dec.id}
 
 
 def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
@@ -185,3 +202,32 @@ def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
         progress=False, jobs=2)
     spans.sort()
     assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # with room, the lanes do overlap
+
+
+def test_jobs_settle_unsupported_pairs_without_the_memory_budget(tmp_path, monkeypatch):
+    """Declared limits and a missing package are results at once: they take no share of the
+    memory budget and no case of theirs reaches a worker; the cases that run record their start."""
+    import gdncheck.run as R
+
+    sent = []
+    real = R.Lane.run
+
+    def spy(self, spec, twin, case, base):
+        sent.append((spec, case.op))
+        return real(self, spec, twin, case, base)
+
+    monkeypatch.setattr(R.Lane, "run", spy)
+    monkeypatch.setattr(R, "memory_budget", lambda device: 1)
+    suite = _suite(tmp_path, [1, 2])
+    out = run([str(suite)], ["crashy_backend:absent", "fla-interp", "twin-fla"], tmp_path / "r.jsonl",
+              device="cpu", progress=False, jobs=2)
+    _, res = load_results(out)
+    assert len(res) == 18
+    absent = [r for r in res if r.backend == "test-absent"]
+    assert all(r.status == "unsupported" and "not installed" in r.reason for r in absent)
+    verify = [r for r in res if r.backend == "fla-interp" and r.case.op == "verify"]
+    assert verify and all(r.status == "unsupported" and not r.worker for r in verify)  # declared: no intermediate
+    assert all(spec != "crashy_backend:absent" for spec, _ in sent)
+    assert ("fla-interp", "verify") not in sent
+    ran = [r for r in res if r.status != "unsupported"]
+    assert ran and all(r.timing.start_s is not None and r.timing.start_s >= 0 for r in ran)

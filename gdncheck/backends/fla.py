@@ -95,6 +95,12 @@ class _FLABase(Backend):
         return (self.kernel, case.op == "prefill", case.H, case.HV, case.K, case.V, case.dtype, case.state_dtype,
                 case.layout, case.l2norm, case.gate_source)
 
+    def schedule_key(self, case: Case) -> tuple:
+        """Cases that belong in one process: the chunk kernels that pass states and write outputs
+        autotune on heads, dims and layout only, so prefill and decode (varlen or not, raw or
+        precomputed gates) of one shape share their autotuning when one process runs both."""
+        return (self.kernel, case.H, case.HV, case.K, case.V, case.dtype, case.state_dtype, case.layout)
+
     def available(self) -> str | None:
         if os.environ.get("TRITON_INTERPRET") == "1":
             return "TRITON_INTERPRET=1 is set in this process (Triton would interpret, not compile)"

@@ -61,6 +61,8 @@ class Timing(BaseModel):
     run_s: float | None = None
     oracle_s: float | None = None
     wall_s: float | None = Field(None, description="the whole case in its worker: inputs, kernel, oracle, twin, metrics")
+    start_s: float | None = Field(None, description="seconds from the run's start to the case's start (parallel runs)")
+    peak_gib: float | None = Field(None, description="peak device memory the worker allocated for the case (CUDA)")
 
 
 class CaseResult(BaseModel):

@@ -749,6 +749,7 @@ class _Task:
     i: int
     j: int
     ks: list[int]
+    alone: bool = False  # rerun with no other task beside it (it ran out of device memory)
     whole: bool = False
 
 
@@ -839,12 +840,13 @@ def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cas
             res.groups += summarize(recs, sw, n_boot=n_boot)
             finished[0] += 1
 
-    from gdncheck.run import worker_threads
+    from gdncheck.run import _is_oom, worker_threads
 
     ctx = mp.get_context("spawn")
     threads = worker_threads(jobs)
     lanes: list[ProcessPoolExecutor | None] = [None] * min(jobs, len(tasks))
     running: dict = {}  # future -> (lane, task)
+    alone: deque = deque()  # tasks that ran out of memory beside others, rerun one at a time
 
     def submit(lane: int, t: _Task) -> None:
         sw, spec = switches[t.i], specs[t.j]
@@ -873,13 +875,21 @@ def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cas
                 my_units = [units[t.i][k] for k in t.ks]
                 try:
                     out = fut.result()
+                    flat = out if t.whole else [r for recs in out for r in recs]
+                    oom = any(r.get("status") == "error" and _is_oom(r.get("reason") or "") for r in flat)
                 except Exception as e:  # noqa: BLE001 - a dead or failing worker is a result for its units
                     if isinstance(e, BrokenProcessPool):
                         lanes[lane].shutdown(wait=False)
                         lanes[lane] = None
-                    out = _worker_errors(my_units, 0, spec, e)
+                    out, oom = _worker_errors(my_units, 0, spec, e), _is_oom(str(e))
                     if not t.whole:
                         out = [[r] for r in out]
+                if oom and not t.alone:  # did not fit beside the other workers: alone at the end
+                    t.alone = True
+                    alone.append(t)
+                    if tasks:
+                        submit(lane, tasks.popleft())
+                    continue
                 if t.whole:
                     whole[t.i, t.j] = out
                 else:
@@ -895,6 +905,12 @@ def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cas
                     if after:
                         res.wall_s = time.perf_counter() - t0
                         after(res, sw.name, spec)
+            if not running and not tasks and alone:
+                for k in range(1, len(lanes)):  # their device memory back before a task runs alone
+                    if lanes[k] is not None:
+                        lanes[k].shutdown(wait=True)
+                        lanes[k] = None
+                submit(0, alone.popleft())
     finally:
         for ex in lanes:
             if ex is not None:

@@ -387,7 +387,19 @@ def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case
     def cost(u) -> float:
         return u[0][0].compile_hint_s + max(case_bytes(c) for _, c in u) / (1 << 30) + 0.05 * len(u)
 
-    return sorted(units.values(), key=lambda u: (-cost(u), u[0][0].name, repr(schedule_key(u[0][0], u[0][1]))))
+    # Units whose builds serialise on a lock form a chain that one lane works through from the
+    # start (:func:`_run_lanes` gives a lock to one lane at a time), so they lead the order.
+    return sorted(units.values(), key=lambda u: (unit_lock(u) is None, -cost(u), u[0][0].name,
+                                                 repr(schedule_key(u[0][0], u[0][1]))))
+
+
+def unit_lock(unit: list[tuple[Backend, Case]]) -> str | None:
+    """The compile lock of a unit's kernels (:meth:`Backend.compile_lock` of its first case)."""
+    b, c = unit[0]
+    try:
+        return b.compile_lock(c)
+    except Exception:  # noqa: BLE001 - a plugin's hint must not stop the run
+        return None
 
 
 # ---------------------------------------------------------------- the run
@@ -550,39 +562,64 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
     absent: dict[str, str | None] = {}  # backend spec -> why it is not available in a worker
     t_run = time.perf_counter()
 
+    locks = [unit_lock(u) for u in units]
+    held_locks: set[str] = set()
+
+    def take() -> tuple[list, str | None] | None:
+        """The first unit whose compile lock no other lane holds (None when none is left)."""
+        with lock:
+            while units:
+                for i, name in enumerate(locks):
+                    if name is None or name not in held_locks:
+                        if name is not None:
+                            held_locks.add(name)
+                        del locks[i]
+                        return units.pop(i), name
+                lock.wait()  # every unit left waits on a lock another lane holds
+            return None
+
     def drive(lane: Lane) -> None:
         while True:
-            with lock:
-                if not units:
-                    return
-                unit = units.pop(0)
-            for b, c in unit:
-                spec = specs[b.name]
-                if spec not in absent:
-                    absent[spec] = lane.available(spec)
-                if absent[spec]:
-                    record(b, c, CaseResult(status="unsupported", reason=absent[spec], **base_of(b, c)))
-                    continue
-                need = case_bytes(c)
-                with lock:
-                    while held[0] and held[0] + need > budget:
-                        lock.wait()
-                    held[0] += need
-                start = time.perf_counter() - t_run
-                try:
-                    res = lane.run(spec, twin_for(b), c, base_of(b, c))
-                    res.timing.start_s = round(start, 3)
-                except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
-                    res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
-                finally:
+            got = take()
+            if got is None:
+                return
+            unit, name = got
+            try:
+                run_unit(lane, unit)
+            finally:
+                if name is not None:
                     with lock:
-                        held[0] -= need
+                        held_locks.discard(name)
                         lock.notify_all()
-                if res.status == "error" and _is_oom(res.reason or ""):
-                    with lock:
-                        retry.append((b, c))
-                    continue
-                record(b, c, res)
+
+    def run_unit(lane: Lane, unit: list) -> None:
+        for b, c in unit:
+            spec = specs[b.name]
+            if spec not in absent:
+                absent[spec] = lane.available(spec)
+            if absent[spec]:
+                record(b, c, CaseResult(status="unsupported", reason=absent[spec], **base_of(b, c)))
+                continue
+            need = case_bytes(c)
+            with lock:
+                while held[0] and held[0] + need > budget:
+                    lock.wait()
+                held[0] += need
+            start = time.perf_counter() - t_run
+            try:
+                res = lane.run(spec, twin_for(b), c, base_of(b, c))
+                res.timing.start_s = round(start, 3)
+            except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
+                res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
+            finally:
+                with lock:
+                    held[0] -= need
+                    lock.notify_all()
+            if res.status == "error" and _is_oom(res.reason or ""):
+                with lock:
+                    retry.append((b, c))
+                continue
+            record(b, c, res)
 
     try:
         pool = [threading.Thread(target=drive, args=(lane,), daemon=True) for lane in lanes]

@@ -52,7 +52,17 @@ step_models() {
   timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render
   kill $sp
 }
-step_gate_full() { cold full; timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress; }
+step_gate_full() {
+  cold full; sample gate_full & local sp=$!
+  timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress
+  kill $sp
+}
+# A full tier cut by the call's time limit goes on where it stopped (results are incremental).
+step_gate_full_resume() {
+  warm full; sample gate_full_resume & local sp=$!
+  timed gate_full_resume gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --resume --no-progress
+  kill $sp
+}
 # One GPU: the smoke tier unsharded, then as two shards merged; both on warm caches.
 step_smoke_shards() {
   warm full

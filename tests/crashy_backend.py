@@ -52,6 +52,25 @@ def absent() -> Absent:
     return Absent()
 
 
+class Locked(Exact):
+    """Builds its kernels under one lock shared by all processes (as FlashInfer's CuTe DSL modules do)."""
+
+    name = "test-locked"
+
+    def compile_lock(self, case):
+        return "test-lock"
+
+    def run(self, inputs) -> Outputs:
+        import time
+
+        time.sleep(0.2)  # long enough that lanes taking these units side by side would overlap
+        return super().run(inputs)
+
+
+def locked() -> Locked:
+    return Locked()
+
+
 def crashy() -> Crashy:
     return Crashy()
 

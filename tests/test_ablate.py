@@ -340,3 +340,18 @@ def test_fast_math_arm_in_its_own_environment(jobs):
     assert all(r["path"].startswith("fast=1") for r in arms[1])
     assert len(pid1) == 1 and not pid0 & pid1
     assert {g["op"] for g in res.groups} == {"prefill", "decode"}
+
+
+def test_jobs_rerun_a_task_that_ran_out_of_memory_alone(tmp_path, monkeypatch):
+    """A task whose unit ran out of device memory beside the other workers is rerun alone at the
+    end; its records are then the one-process records (no error left behind)."""
+    cases = load_suite(str(mini_suite(tmp_path, seeds=(1, 2))))
+    sw = ab.make_switch("beta-quant")
+    one = ab.ablate([sw], cases, ["crashy_backend:exact"], seeds=2, vocab=VOCAB, n_boot=300)
+    monkeypatch.setenv("GDNCHECK_TEST_HUNGRY_FIRST", str(tmp_path / "flag"))
+    two = ab.ablate([sw], cases, ["crashy_backend:hungry"], seeds=2, vocab=VOCAB, n_boot=300, jobs=2)
+    assert (tmp_path / "flag").exists()  # the out-of-memory error did happen once
+    assert not two.skipped and {r["status"] for r in two.records} == {"ok"}
+    assert len(two.records) == len(one.records) > 0
+    for a, b in zip(one.records, two.records):
+        _same_record({**a, "backend": None}, {**b, "backend": None})

@@ -196,12 +196,24 @@ def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
     assert len(res) == 12 and all(r.status == "ok" for r in res)
     spans.sort()
     assert len(spans) == 12 and all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))  # never two at once
+    # with room, the lanes do overlap: each lane's first case waits until the other lane's has
+    # started too (a lane that could not start beside the other breaks the barrier)
+    import threading
+
+    meet, first = threading.Barrier(2, timeout=120), set()
+
+    def together(self, *a):
+        if threading.get_ident() not in first:
+            first.add(threading.get_ident())
+            meet.wait()
+        return timed(self, *a)
+
+    monkeypatch.setattr(R.Lane, "run", together)
     monkeypatch.setattr(R, "memory_budget", lambda device: 1 << 40)
     spans.clear()
-    run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r2.jsonl", device="cpu",
-        progress=False, jobs=2)
-    spans.sort()
-    assert any(a[1] > b[0] for a, b in zip(spans, spans[1:]))  # with room, the lanes do overlap
+    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r2.jsonl", device="cpu",
+              progress=False, jobs=2)
+    assert len(load_results(out)[1]) == 12 and not meet.broken
 
 
 def test_jobs_settle_unsupported_pairs_without_the_memory_budget(tmp_path, monkeypatch):
@@ -231,3 +243,36 @@ def test_jobs_settle_unsupported_pairs_without_the_memory_budget(tmp_path, monke
     assert ("fla-interp", "verify") not in sent
     ran = [r for r in res if r.status != "unsupported"]
     assert ran and all(r.timing.start_s is not None and r.timing.start_s >= 0 for r in ran)
+
+
+def test_units_under_one_compile_lock_take_one_lane_at_a_time(tmp_path, monkeypatch):
+    """Units whose builds share a lock lead the order and run one at a time (side by side they
+    would only wait on the lock); units without a lock fill the other lanes."""
+    import time as _time
+
+    import gdncheck.run as R
+
+    spans: dict[str, list] = {}
+    real = R.Lane.run
+
+    def timed(self, spec, twin, case, base):
+        t0 = _time.monotonic()
+        res = real(self, spec, twin, case, base)
+        spans.setdefault(spec, []).append((t0, _time.monotonic()))
+        return res
+
+    monkeypatch.setattr(R.Lane, "run", timed)
+    suite = _suite(tmp_path, [1, 2, 3])
+    locked, twin = R.load_backend("crashy_backend:locked"), R.load_backend("twin-fla")
+    cases = R.plan([str(suite)], [twin])
+    units = R.schedule([(twin, c) for _, c in cases] + [(locked, c) for _, c in cases])
+    n_locked = len({R.compile_key(locked, c) for _, c in cases})
+    assert n_locked == 3 and all(R.unit_lock(u) == "test-lock" for u in units[:n_locked])
+    assert all(R.unit_lock(u) is None for u in units[n_locked:])
+    out = run([str(suite)], ["twin-fla", "crashy_backend:locked"], tmp_path / "r.jsonl", device="cpu",
+              progress=False, jobs=3)
+    _, res = load_results(out)
+    assert len(res) == 18 and all(r.status == "ok" for r in res)
+    chain = sorted(spans["crashy_backend:locked"])
+    assert len(chain) == 9 and all(a[1] <= b[0] for a, b in zip(chain, chain[1:]))
+    assert len({r.worker for r in res if r.backend == "twin-fla"}) >= 1

@@ -79,6 +79,12 @@ class Backend:
     def version(self) -> str:
         return "n/a"
 
+    def compile_lock(self, case: Case) -> str | None:
+        """Name of a lock under which the kernel package compiles ``case``'s kernel, one build at a
+        time across all processes (None: builds run in parallel). Parallel runs give such builds
+        one lane at a time and start them first, since they form a serial chain."""
+        return None
+
     def available(self) -> str | None:
         """None when the backend can run here, else why not (package missing, no GPU...)."""
         return None

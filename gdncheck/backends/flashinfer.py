@@ -177,6 +177,12 @@ def _bf16_mtp_kernel(case: Case) -> str:
         return "wide_vec" if case.B * case.HS >= 128 else "ilp4"
 
 
+# CuTe DSL modules of the decode family: FlashInfer holds one file lock per module for a
+# whole build (``JitSpecCuteDsl.build_and_load``), so its kernels compile one at a time.
+_DECODE_MODULE = {"fp32_t1": "gdn_decode_pretranspose", "fp32_mtp": "gdn_decode_mtp",
+                  "bf16_t1": "gdn_decode_bf16_state", "bf16_mtp": "gdn_decode_bf16_state"}
+
+
 class FlashInferDecode(_FlashInferBase):
     """``gated_delta_rule_decode_pretranspose``: raw gates, K-last state or pool, in place.
 
@@ -210,6 +216,9 @@ class FlashInferDecode(_FlashInferBase):
 
     def policy(self, case: Case) -> str:
         return self._POLICY[_decode_path(case)]
+
+    def compile_lock(self, case: Case) -> str | None:
+        return f"flashinfer:{_DECODE_MODULE[_decode_path(case)]}"
 
     def supports(self, case: Case) -> str | None:
         why = super().supports(case)
@@ -292,6 +301,9 @@ class FlashInferMTP(_FlashInferBase):
     )
     padding_policy = {"verify": "caller_value"}
     zero_length_policy = "passthrough"
+
+    def compile_lock(self, case: Case) -> str | None:
+        return f"flashinfer:{_DECODE_MODULE['fp32_mtp']}"
 
     def __init__(self, intermediate_mode: str = "buffer"):
         if intermediate_mode not in ("buffer", "ssm"):

@@ -355,11 +355,18 @@ class Lane:
 
 
 def case_bytes(case: Case) -> int:
-    """Rough peak device bytes of one case: float64 pools (input, expected) beside the kernel's
-    copies, and token tensors in float64 through the chunked oracle and the twin (calibrated on
-    an H100: 23 GB for T = 8192, HV = 64, K = V = 128, N = 4)."""
+    """Peak device bytes of one case in its worker (kernel, float64 oracle, twin, metrics).
+
+    Fitted to the peaks that H100 runs recorded (``Timing.peak_gib``, 222 cases of the smoke,
+    models and edges suites up to 72 GiB): 36 B per pool element (copies, bit-identity checks),
+    56 more per element of the rows the call writes (float64 metrics), 80 per intermediate-state
+    and per token element (q, k, v, o through the oracle), and 0.3 GiB per case. It falls short
+    of a measured peak by 7% at most.
+    """
+    inter = case.B * case.T * case.HS * case.K * case.V if case.intermediate else 0
+    written = case.N * case.HS * case.K * case.V
     tokens = case.T * case.HS * (case.K + case.V)
-    return 8 * (4 * pool_elements(case) + 24 * tokens)
+    return 36 * pool_elements(case) + 56 * written + 80 * (inter + tokens) + (3 << 30) // 10
 
 
 def memory_budget(device: str) -> int:

@@ -12,7 +12,8 @@ timed() {  # timed NAME CMD...: run, record command, wall time and exit code
   local name=$1; shift
   log "$*"
   local t0=$(date +%s.%N)
-  "$@" > "$RUNS/$name.log" 2>&1
+  "$@" > "$RUNS/$name.log" 2>&1 &  # waited on, so that the budget's TERM reaches it (trap below)
+  wait $!
   local rc=$?
   local t1=$(date +%s.%N)
   printf '%s\trc=%s\twall_s=%.1f\t%s\n' "$name" "$rc" "$(awk -v a="$t0" -v b="$t1" 'BEGIN{print b-a}')" "$*" | tee -a "$RUNS/timings.tsv"
@@ -94,7 +95,8 @@ step_gputests() { warm full; timed gpu_tests timeout 300 python -m pytest -q -m 
 export -f log timed gdncheck $(declare -F | awk '/step_/{print $3}')
 export RUNS J
 export -f cold warm sample
-timeout "${BUDGET_S:-540}" bash -c 'for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
+timeout "${BUDGET_S:-540}" bash -c 'trap "kill -TERM \$(jobs -p) 2>/dev/null; pkill -TERM -P \$\$; exit 124" TERM
+  for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
 echo "steps ended with rc=$?"
 tar czf "$OUT/h100.tgz" -C "$RUNS" --exclude ./cache . && ls -la "$OUT"
 cat "$RUNS/timings.tsv"

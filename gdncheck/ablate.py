@@ -884,23 +884,22 @@ def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cas
                     out, oom = _worker_errors(my_units, 0, spec, e), _is_oom(str(e))
                     if not t.whole:
                         out = [[r] for r in out]
-                if oom and not t.alone:  # did not fit beside the other workers: alone at the end
+                retry = oom and not t.alone  # did not fit beside the other workers: alone at the end
+                if retry:
                     t.alone = True
                     alone.append(t)
-                    if tasks:
-                        submit(lane, tasks.popleft())
-                    continue
-                if t.whole:
-                    whole[t.i, t.j] = out
                 else:
-                    per_unit.setdefault((t.i, t.j), {}).update(zip(t.ks, out))
-                if progress:
-                    for u, _ in my_units:
-                        progress(sw.name, spec, u)
-                left[t.i, t.j] -= 1
+                    if t.whole:
+                        whole[t.i, t.j] = out
+                    else:
+                        per_unit.setdefault((t.i, t.j), {}).update(zip(t.ks, out))
+                    if progress:
+                        for u, _ in my_units:
+                            progress(sw.name, spec, u)
+                    left[t.i, t.j] -= 1
                 if tasks:
                     submit(lane, tasks.popleft())
-                if left[t.i, t.j] == 0:
+                if not retry and left[t.i, t.j] == 0:
                     finalize_ready()
                     if after:
                         res.wall_s = time.perf_counter() - t0

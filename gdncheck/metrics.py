@@ -160,9 +160,12 @@ def tensor_metrics(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype |
         return m
     both = a_fin & r_fin
     every = bool(both.all())
-    a_b = a_all if every else a_all[both]
-    a64 = a_b.to(F64)
-    r64 = r_all.to(F64) if every else r_all[both].to(F64)
+
+    def finite(t: torch.Tensor) -> torch.Tensor:  # the elements finite in both (no copy when all are)
+        return t if every else t[both]
+
+    a_b = finite(a_all)
+    a64, r64 = a_b.to(F64), finite(r_all).to(F64)
     if a64.numel() == 0:
         return m
     err = (a64 - r64).abs()
@@ -187,8 +190,7 @@ def tensor_metrics(actual: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype |
     m.floor_rel_l2 = rel_l2(r64.to(dt), r64)
     m.in_floors = _ratio(m.rel_l2, m.floor_rel_l2)
     if twin is not None:
-        tw = _select(twin.to(dev), mask)
-        tw = tw if every else tw[both]
+        tw = finite(_select(twin.to(dev), mask))
         m.twin_rel_l2 = rel_l2(tw, r64) if torch.isfinite(tw).all() else float("nan")
         m.in_twins = _ratio(m.rel_l2, m.twin_rel_l2)
     return m

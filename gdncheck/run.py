@@ -309,35 +309,35 @@ class Lane:
         child.close()
         self._conn = parent
 
-    def run(self, spec: str, twin_spec: str | None, case: Case, base_result: dict) -> CaseResult:
+    def _ask(self, msg) -> tuple[bool, object]:
+        """Send ``msg`` to the worker (started if needed): ``(True, reply)``, or ``(False, why
+        none came)`` after a timeout or the worker's death (the worker is then gone)."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
         try:
-            self._conn.send((spec, twin_spec, case.model_dump_json()))
+            self._conn.send(msg)
             if self._conn.poll(self.timeout_s):
-                res = CaseResult.model_validate_json(self._conn.recv())
-                if res.status == "crash":
-                    self.close()
-                return res
-            reason = f"timeout after {self.timeout_s:.0f} s"
+                return True, self._conn.recv()
+            why = f"timeout after {self.timeout_s:.0f} s"
         except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
             self._proc.join(5)
-            reason = f"worker died (exit code {self._proc.exitcode})"
+            why = f"worker died (exit code {self._proc.exitcode})"
         self.close(kill=True)
-        return CaseResult(status="crash", reason=reason, **base_result)
+        return False, why
+
+    def run(self, spec: str, twin_spec: str | None, case: Case, base_result: dict) -> CaseResult:
+        ok, reply = self._ask((spec, twin_spec, case.model_dump_json()))
+        if not ok:
+            return CaseResult(status="crash", reason=reply, **base_result)
+        res = CaseResult.model_validate_json(reply)
+        if res.status == "crash":
+            self.close()
+        return res
 
     def available(self, spec: str) -> str | None:
         """``available()`` of backend ``spec`` as a worker process sees it (None if it cannot say)."""
-        if self._proc is None or not self._proc.is_alive():
-            self._start()
-        try:
-            self._conn.send(("?", spec))
-            if self._conn.poll(self.timeout_s):
-                return self._conn.recv()
-        except (EOFError, BrokenPipeError, ConnectionResetError, OSError):
-            pass
-        self.close(kill=True)
-        return None
+        ok, reply = self._ask(("?", spec))
+        return reply if ok else None
 
     def close(self, kill: bool = False) -> None:
         if self._proc is None:

@@ -1,7 +1,8 @@
 """Cases: a declarative description of one kernel call, and its deterministic materialisation.
 
 A :class:`Case` names everything a call depends on; :func:`materialize` builds its tensors from
-``case.seed`` with a CPU generator, so a case id gives bit-identical inputs on any machine.
+``case.seed`` with a CPU generator (pools of more than :data:`HASHED_POOL_ELEMENTS` elements from
+a counter-based hash on the target device), so a case id gives bit-identical inputs on any machine.
 
 Token layout of the built tensors (``HS = max(H, HV)``)::
 
@@ -211,6 +212,42 @@ def _raw_gates(case: Case, gen: torch.Generator, B: int, T: int):
     return A_log, dt_bias, a, b
 
 
+# Pools above this many elements (float64 copies past 1 GiB: cases only a GPU runs) are drawn by
+# :func:`hashed_normal` on the target device: the CPU generator draws 10^8 normals per second on
+# one core, 15 s for the 4100-slot pool that crosses 2^31 elements, in every backend's worker.
+HASHED_POOL_ELEMENTS = 1 << 27
+
+_MIX = (-7046029254386353131, -4658895280553007687, -7723592293110705685)  # splitmix64, as int64
+_CHUNK = 1 << 24
+
+
+def _lsr(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Logical right shift of int64 ``x`` (``>>`` on int64 tensors is arithmetic)."""
+    return (x >> n) & ((1 << (64 - n)) - 1)
+
+
+def hashed_normal(n: int, seed: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """``n`` float32 values of mean 0 and variance 1, element ``i`` a function of ``(seed, i)`` only.
+
+    splitmix64 of the element index, its four 16-bit fields summed (Irwin-Hall: near-normal,
+    bounded at +-3.46), one int-to-float conversion and one float32 multiply: integer arithmetic
+    and a correctly rounded product, so CPU and CUDA give the same bits at any chunking.
+    """
+    dev = torch.device(device)
+    out = torch.empty(n, dtype=torch.float32, device=dev)
+    inv_std = float(torch.tensor((3.0 / (65536.0 ** 2 - 1)) ** 0.5, dtype=torch.float32))
+    base = (seed + 1) * 0x632BE59BD9B4E019 % (1 << 64)
+    base -= (1 << 64) * (base >= 1 << 63)
+    for lo in range(0, n, _CHUNK):
+        z = torch.arange(lo + 1, min(n, lo + _CHUNK) + 1, dtype=torch.int64, device=dev) * _MIX[0] + base
+        z = (z ^ _lsr(z, 30)) * _MIX[1]
+        z = (z ^ _lsr(z, 27)) * _MIX[2]
+        z = z ^ _lsr(z, 31)
+        s = (z & 0xFFFF) + _lsr(z, 16) % 65536 + _lsr(z, 32) % 65536 + _lsr(z, 48)
+        out[lo:lo + z.numel()] = (s - 131070).to(torch.float32) * inv_std
+    return out
+
+
 def materialize(case: Case, device: str | torch.device = "cpu") -> Inputs:
     """Build the inputs of ``case`` deterministically from ``case.seed`` (CPU generator).
 
@@ -231,7 +268,11 @@ def materialize(case: Case, device: str | torch.device = "cpu") -> Inputs:
     g, beta = g64.to(torch.float32), beta64.to(torch.float32)
     sshape = (HS, K, V) if case.layout == "v_last" else (HS, V, K)
     rows = case.pool_size if case.pool_size is not None else N
-    state = (torch.randn(rows, *sshape, generator=gen) * case.state_scale).to(sdt)
+    if rows * HS * K * V > HASHED_POOL_ELEMENTS:  # the last draw: nothing after it moves
+        state = hashed_normal(rows * HS * K * V, case.seed, device).view(rows, *sshape)
+        state = state.mul_(float(torch.tensor(case.state_scale, dtype=torch.float32))).to(sdt)
+    else:
+        state = (torch.randn(rows, *sshape, generator=gen) * case.state_scale).to(sdt)
     cu = None
     if case.op == "prefill":
         cu = torch.tensor([0] + torch.tensor(case.seqlens).cumsum(0).tolist(), dtype=torch.int32)

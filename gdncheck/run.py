@@ -251,15 +251,25 @@ def worker_threads(jobs: int) -> int:
 
 # ---------------------------------------------------------------- worker processes
 
-def _worker_main(conn, device: str, worker: str, threads: int | None) -> None:
+def _worker_main(conn, device: str, worker: str, threads: int | None, preload: tuple[str, ...] = ()) -> None:
     """Worker loop: receives ``(backend spec, twin spec, case JSON)``, sends CaseResult JSON; exits on None.
 
     Backends load once per spec and keep their compiled kernels; ``threads`` caps torch's CPU
     threads so that parallel workers do not oversubscribe the cores (twins and floors run there).
+    ``preload`` backends are loaded (and their packages imported) before the first message, while
+    the parent is still planning.
     """
     if threads:
         torch.set_num_threads(threads)
+    from gdncheck import metrics  # noqa: F401 - imported before the first case, not during it
+
     backends: dict[str | None, Backend | None] = {None: None}
+    for s in preload:
+        try:
+            backends[s] = load_backend(s)
+            backends[s].available()
+        except Exception:  # noqa: BLE001 - the run reports it on the first case of that backend
+            backends.pop(s, None)
     seen: dict[str, set] = {}
     while True:
         msg = conn.recv()
@@ -288,32 +298,42 @@ def _worker_main(conn, device: str, worker: str, threads: int | None) -> None:
         if res.status == "crash":
             break  # the CUDA context may be poisoned; the parent starts a fresh worker
         release_device_memory()
+    # Every result is sent: skip the interpreter's teardown of kernel packages and the CUDA
+    # context (seconds per worker), which the driver reclaims with the process anyway.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class Lane:
     """A worker process that runs cases of any backend; replaced after a crash or a timeout."""
 
-    def __init__(self, device: str, name: str = "lane", timeout_s: float = 900.0, threads: int | None = None):
+    def __init__(self, device: str, name: str = "lane", timeout_s: float = 900.0, threads: int | None = None,
+                 preload: Iterable[str] = ()):
         self.device, self.name, self.timeout_s, self.threads = device, name, timeout_s, threads
+        self.preload = tuple(preload)
         self._ctx = mp.get_context("spawn")
         self._proc: mp.Process | None = None
         self._conn = None
         self._n = 0
 
-    def _start(self) -> None:
-        parent, child = self._ctx.Pipe()
-        self._n += 1
-        self._proc = self._ctx.Process(target=_worker_main, daemon=True,
-                                       args=(child, self.device, f"{self.name}#{self._n}@{self.device}", self.threads))
-        self._proc.start()
-        child.close()
-        self._conn = parent
+    def start(self) -> "Lane":
+        """Start the worker now (it imports while the caller goes on), unless it runs."""
+        if self._proc is None or not self._proc.is_alive():
+            parent, child = self._ctx.Pipe()
+            self._n += 1
+            self._proc = self._ctx.Process(
+                target=_worker_main, daemon=True,
+                args=(child, self.device, f"{self.name}#{self._n}@{self.device}", self.threads, self.preload))
+            self._proc.start()
+            child.close()
+            self._conn = parent
+        return self
 
     def _ask(self, msg) -> tuple[bool, object]:
         """Send ``msg`` to the worker (started if needed): ``(True, reply)``, or ``(False, why
         none came)`` after a timeout or the worker's death (the worker is then gone)."""
-        if self._proc is None or not self._proc.is_alive():
-            self._start()
+        self.start()
         try:
             self._conn.send(msg)
             if self._conn.poll(self.timeout_s):
@@ -499,6 +519,15 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
         return dict(case_id=c.id, case=c, backend=b.name, backend_version=b.version(),
                     device=device, repro=c.repro() + f" --backend {b.name}")
 
+    t_start = time.perf_counter()
+    lanes: list[Lane] = []
+    if jobs > 1 and todo:  # workers import torch and the kernel packages while the header is written
+        preload = tuple(dict.fromkeys([specs[b.name] for b, _ in todo]
+                                      + [t for t in (twin_for(b) for b in backends) if t]))
+        lanes = [Lane(device, f"lane{i}", threads=worker_threads(jobs), preload=preload).start()
+                 for i in range(min(jobs, len(todo)))]
+    phases: dict[str, float] = {}
+
     with out.open("a") as f:
         if header_needed:
             hdr = RunHeader(run_id=uuid.uuid4().hex[:12], suites=suites, backends=[b.name for b in backends],
@@ -522,7 +551,7 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
             if isolate:  # declared limits need no worker (nor a share of the memory budget)
                 todo = [(b, c) for b, c in todo if not _unsupported_here(b, c, device, base_of, record)]
             if jobs > 1:
-                _run_lanes(todo, jobs, device, specs, twin_for, base_of, record)
+                phases = _run_lanes(todo, lanes, device, specs, twin_for, base_of, record, t_start)
             elif isolate:
                 lanes: dict[str, Lane] = {}  # one worker process per backend
                 try:
@@ -541,6 +570,8 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
                         twins[tname] = load_backend(tname) if tname else None
                     record(b, c, run_case(b, c, device=device, seen_keys=seen_keys[b.name], twin=twins[tname],
                                           worker=f"pid{os.getpid()}@{device}"))
+    if phases:
+        print("run: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()), file=sys.stderr, flush=True)
     return out
 
 
@@ -555,19 +586,27 @@ def _unsupported_here(b: Backend, c: Case, device: str, base_of, record) -> bool
     return bool(why)
 
 
-def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
-    """Run ``todo`` in ``jobs`` lanes (threads here, one worker process each) over :func:`schedule`'s
-    units. A case starts only while the cases in flight leave room for it in :func:`memory_budget`
-    (alone it always starts); one that runs out of memory anyway is rerun alone at the end."""
+def _run_lanes(todo, lanes: list[Lane], device, specs, twin_for, base_of, record, t_start: float) -> dict[str, float]:
+    """Run ``todo`` in ``lanes`` (threads here, one worker process each, started by the caller)
+    over :func:`schedule`'s units. A case starts only while the cases in flight leave room for it
+    in :func:`memory_budget` (alone it always starts); one that runs out of memory anyway is rerun
+    alone at the end. A lane's worker exits as soon as no unit is left for it.
+
+    Returns the run's phases in seconds since ``t_start``: when lanes took their first case
+    (``first case at``), when the last lane ran out of units (``lanes done at``) and when every
+    worker was gone.
+    """
     units = schedule(todo)
-    threads = worker_threads(jobs)
-    lanes = [Lane(device, f"lane{i}", threads=threads) for i in range(min(jobs, max(1, len(units))))]
+    for lane in lanes[max(1, len(units)):]:
+        lane.close()
+    lanes = lanes[:max(1, len(units))]
     budget = memory_budget(device)
     lock = threading.Condition()
     held = [0]
     retry: list[tuple[Backend, Case]] = []
     absent: dict[str, str | None] = {}  # backend spec -> why it is not available in a worker
     t_run = time.perf_counter()
+    starts: list[float] = []
 
     locks = [unit_lock(u) for u in units]
     held_locks: set[str] = set()
@@ -589,6 +628,7 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
         while True:
             got = take()
             if got is None:
+                lane.close()  # its device memory back to the others; workers exit side by side
                 return
             unit, name = got
             try:
@@ -613,6 +653,7 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
                     lock.wait()
                 held[0] += need
             start = time.perf_counter() - t_run
+            starts.append(start)
             try:
                 res = lane.run(spec, twin_for(b), c, base_of(b, c))
                 res.timing.start_s = round(start, 3)
@@ -634,10 +675,18 @@ def _run_lanes(todo, jobs, device, specs, twin_for, base_of, record) -> None:
             t.start()
         for t in pool:
             t.join()
-        for lane in lanes[1:]:
-            lane.close()  # their device memory back before the retries run alone
-        for b, c in retry:
+        t_last = time.perf_counter()
+        for b, c in retry:  # every other lane is closed: each runs alone
             record(b, c, lanes[0].run(specs[b.name], twin_for(b), c, base_of(b, c)))
     finally:
         for lane in lanes:
             lane.close()
+    t_end = time.perf_counter()
+    phases = {"setup": t_run - t_start}
+    if starts:
+        phases["first case at"] = t_run - t_start + min(starts)
+    phases["lanes done at"] = t_last - t_start
+    if retry:
+        phases[f"{len(retry)} out-of-memory reruns until"] = t_end - t_start
+    phases["workers gone at"] = t_end - t_start
+    return phases

@@ -47,7 +47,7 @@ warm() { export TRITON_CACHE_DIR="$RUNS/cache/$1/triton" CUTE_DSL_CACHE_DIR="$RU
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 step_gate_smoke() { cold smoke; timed gate_smoke gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke" --no-progress; }
 # The same tier again on the caches the cold run left (a persistent runner's second run).
-step_gate_smoke_warm() { warm smoke; timed gate_smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke_warm" --no-progress; }
+step_gate_smoke_warm() { warm "${WARM_FROM:-smoke}"; timed gate_smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke_warm" --no-progress; }
 step_models() {
   cold models; sample models & local sp=$!
   timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render
@@ -62,6 +62,12 @@ step_gate_full() {
 step_gate_full_resume() {
   warm full; sample gate_full_resume & local sp=$!
   timed gate_full_resume gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --resume --no-progress
+  kill $sp
+}
+# The full tier again, from scratch, on the caches the cold full tier left (a nightly runner).
+step_gate_full_warm() {
+  warm full; sample gate_full_warm & local sp=$!
+  timed gate_full_warm gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full_warm" --no-progress
   kill $sp
 }
 # One GPU: the smoke tier unsharded, then as two shards merged; both on warm caches.

@@ -132,3 +132,14 @@ def test_twin_on_cuda_equals_twin_on_cpu(twin, fields):
 
     close(gpu.o, cpu.o, exp.o)
     close(gpu.state, cpu.state, exp.pool)
+
+
+def test_hashed_pool_on_cuda_equals_hashed_pool_on_cpu():
+    """Pools past HASHED_POOL_ELEMENTS are drawn on the device: the same bits as the CPU's."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from gdncheck.cases import hashed_normal
+
+    n = (1 << 24) + 12345  # crosses a chunk edge
+    for seed in (0, 22):
+        assert torch.equal(hashed_normal(n, seed, "cuda").cpu(), hashed_normal(n, seed, "cpu"))

@@ -7,9 +7,11 @@ import sys
 import textwrap
 
 import pytest
+import torch
 import typer
 from typer.testing import CliRunner
 
+from gdncheck import cases as cases_mod
 from gdncheck import cases_cli
 from gdncheck.cases import (Case, SuiteError, inputs_digest, list_suites, load_suite, load_suite_file,
                             materialize)
@@ -58,6 +60,45 @@ def test_materialize_is_bit_identical_across_runs_and_processes():
     # the digest sees the seed: a different seed gives other tensors
     other = inputs_digest(materialize(cases[0].model_copy(update={"seed": cases[0].seed + 1})))
     assert other != here[0]
+
+
+def _splitmix_normal(seed: int, i: int) -> float:
+    """Element ``i`` of :func:`hashed_normal`, in Python integers (the specification)."""
+    m = (1 << 64) - 1
+    z = ((seed + 1) * 0x632BE59BD9B4E019 + (i + 1) * 0x9E3779B97F4A7C15) & m
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & m
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & m
+    z ^= z >> 31
+    s = sum((z >> k) & 0xFFFF for k in (0, 16, 32, 48)) - 131070
+    return float(torch.tensor(s, dtype=torch.float32) * torch.tensor((3 / (65536.0 ** 2 - 1)) ** 0.5,
+                                                                     dtype=torch.float32))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 22, 10**6 + 3])
+def test_hashed_normal_is_splitmix64_of_the_index_at_any_chunking(seed, monkeypatch):
+    want = torch.tensor([_splitmix_normal(seed, i) for i in range(300)], dtype=torch.float32)
+    assert torch.equal(cases_mod.hashed_normal(300, seed), want)
+    monkeypatch.setattr(cases_mod, "_CHUNK", 7)  # chunk edges inside the range
+    assert torch.equal(cases_mod.hashed_normal(300, seed), want)
+    x = cases_mod.hashed_normal(1 << 18, seed).double()
+    assert abs(x.mean()) < 0.01 and abs(x.std() - 1) < 0.01 and x.abs().max() < 3.47
+    assert not torch.equal(cases_mod.hashed_normal(300, seed + 1), want)
+
+
+def test_large_pools_are_hashed_small_ones_drawn_by_the_generator(monkeypatch):
+    c = _named("smoke/decode/k_last/bfloat16/raw")
+    small = materialize(c)
+    elements = small.state.numel()
+    monkeypatch.setattr(cases_mod, "HASHED_POOL_ELEMENTS", elements - 1)
+    big = materialize(c)
+    # the pool alone changes: every other input is drawn before it
+    for name, t in small.tensors().items():
+        if name != "state":
+            assert torch.equal(t, big.tensors()[name]) or (t.isnan().all() and big.tensors()[name].isnan().all()), name
+    scale = torch.tensor(c.state_scale, dtype=torch.float32)
+    want = (cases_mod.hashed_normal(elements, c.seed) * scale).to(big.state.dtype).view_as(big.state)
+    assert torch.equal(big.state, want) and not torch.equal(big.state, small.state)
+    assert inputs_digest(big) == inputs_digest(materialize(c))
 
 
 def test_strided_views_survive_materialize():

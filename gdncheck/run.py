@@ -400,6 +400,35 @@ def memory_budget(device: str) -> int:
         return 8 << 30
 
 
+class Admission:
+    """First come, first served admission of cases into a device-memory budget (bytes).
+
+    A case waits until every case that asked before it has started and its bytes fit beside the
+    cases in flight (alone, any case fits). Without the order, a case that needs most of the
+    budget waits for a moment when no other lane holds a case, and lanes that go from case to
+    case may never leave one: on the H100 ten lanes waited minutes behind two.
+    """
+
+    def __init__(self, budget: int, cond: threading.Condition):
+        self.budget, self.cond = budget, cond
+        self.held = 0
+        self._next = self._serving = 0
+
+    def acquire(self, need: int) -> None:
+        with self.cond:
+            mine, self._next = self._next, self._next + 1
+            while self._serving != mine or (self.held and self.held + need > self.budget):
+                self.cond.wait()
+            self._serving += 1
+            self.held += need
+            self.cond.notify_all()
+
+    def release(self, need: int) -> None:
+        with self.cond:
+            self.held -= need
+            self.cond.notify_all()
+
+
 def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
     """Pairs in work units for parallel lanes, in start order.
 
@@ -520,12 +549,17 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
                     device=device, repro=c.repro() + f" --backend {b.name}")
 
     t_start = time.perf_counter()
+    settled: list[tuple[Backend, Case, str]] = []
+    if isolate:  # declared limits need no worker (nor a share of the memory budget)
+        todo = [(b, c) for b, c in todo if not _declared_unsupported(b, c, device, settled)]
     lanes: list[Lane] = []
-    if jobs > 1 and todo:  # workers import torch and the kernel packages while the header is written
-        preload = tuple(dict.fromkeys([specs[b.name] for b, _ in todo]
-                                      + [t for t in (twin_for(b) for b in backends) if t]))
-        lanes = [Lane(device, f"lane{i}", threads=worker_threads(jobs), preload=preload).start()
-                 for i in range(min(jobs, len(todo)))]
+    if jobs > 1 and todo:
+        # Workers import torch and the package of the unit they will likely take first while the
+        # header is written (all packages in every worker would delay the first case by seconds).
+        first = schedule(todo)[:jobs]
+        lanes = [Lane(device, f"lane{i}", threads=worker_threads(jobs),
+                      preload=[s for s in (specs[u[0][0].name], twin_for(u[0][0])) if s]).start()
+                 for i, u in enumerate(first)]
     phases: dict[str, float] = {}
 
     with out.open("a") as f:
@@ -548,8 +582,8 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
                         on_result(res)
                     bar.update(task, advance=1, last=f"{b.name} {c.name or c.id}: {res.status}")
 
-            if isolate:  # declared limits need no worker (nor a share of the memory budget)
-                todo = [(b, c) for b, c in todo if not _unsupported_here(b, c, device, base_of, record)]
+            for b, c, why in settled:
+                record(b, c, CaseResult(status="unsupported", reason=why, **base_of(b, c)))
             if jobs > 1:
                 phases = _run_lanes(todo, lanes, device, specs, twin_for, base_of, record, t_start)
             elif isolate:
@@ -575,34 +609,38 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
     return out
 
 
-def _unsupported_here(b: Backend, c: Case, device: str, base_of, record) -> bool:
-    """Record ``(b, c)`` as unsupported when its declared capabilities or its size rule it out."""
+def _declared_unsupported(b: Backend, c: Case, device: str, settled: list) -> bool:
+    """Append ``(b, c, why)`` to ``settled`` when ``b``'s declared capabilities or the case's size
+    rule the pair out."""
     try:
         why = b.supports(c) or too_large(c, backend_device(b, device))
     except Exception:  # noqa: BLE001 - a plugin's supports() that raises: its worker reports it
         return False
     if why:
-        record(b, c, CaseResult(status="unsupported", reason=why, **base_of(b, c)))
+        settled.append((b, c, why))
     return bool(why)
 
 
 def _run_lanes(todo, lanes: list[Lane], device, specs, twin_for, base_of, record, t_start: float) -> dict[str, float]:
     """Run ``todo`` in ``lanes`` (threads here, one worker process each, started by the caller)
-    over :func:`schedule`'s units. A case starts only while the cases in flight leave room for it
-    in :func:`memory_budget` (alone it always starts); one that runs out of memory anyway is rerun
-    alone at the end. A lane's worker exits as soon as no unit is left for it.
+    over :func:`schedule`'s units. Cases are admitted in turn into :func:`memory_budget`
+    (:class:`Admission`); those that exceed the budget, and those that run out of memory beside
+    others anyway, run alone at the end. A lane's worker exits as soon as no unit is left for it.
 
     Returns the run's phases in seconds since ``t_start``: when lanes took their first case
     (``first case at``), when the last lane ran out of units (``lanes done at``) and when every
     worker was gone.
     """
-    units = schedule(todo)
+    budget = memory_budget(device)
+    # Cases that fit only alone would hold every lane idle while they wait for the GPU to drain
+    # and while they run; at the end they take their turns with no other lane left to drain.
+    alone = [(b, c) for b, c in todo if case_bytes(c) > budget]
+    units = schedule([(b, c) for b, c in todo if case_bytes(c) <= budget])
     for lane in lanes[max(1, len(units)):]:
         lane.close()
     lanes = lanes[:max(1, len(units))]
-    budget = memory_budget(device)
     lock = threading.Condition()
-    held = [0]
+    admit = Admission(budget, lock)
     retry: list[tuple[Backend, Case]] = []
     absent: dict[str, str | None] = {}  # backend spec -> why it is not available in a worker
     t_run = time.perf_counter()
@@ -639,30 +677,35 @@ def _run_lanes(todo, lanes: list[Lane], device, specs, twin_for, base_of, record
                         held_locks.discard(name)
                         lock.notify_all()
 
+    def absent_here(lane: Lane, b: Backend, c: Case) -> bool:
+        """Record ``(b, c)`` as unsupported when ``b``'s package is missing in a worker (asked once)."""
+        spec = specs[b.name]
+        if spec not in absent:
+            absent[spec] = lane.available(spec)
+        if absent[spec]:
+            record(b, c, CaseResult(status="unsupported", reason=absent[spec], **base_of(b, c)))
+        return bool(absent[spec])
+
+    def attempt(lane: Lane, b: Backend, c: Case) -> CaseResult:
+        start = time.perf_counter() - t_run
+        starts.append(start)
+        try:
+            res = lane.run(specs[b.name], twin_for(b), c, base_of(b, c))
+            res.timing.start_s = round(start, 3)
+        except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
+            res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
+        return res
+
     def run_unit(lane: Lane, unit: list) -> None:
         for b, c in unit:
-            spec = specs[b.name]
-            if spec not in absent:
-                absent[spec] = lane.available(spec)
-            if absent[spec]:
-                record(b, c, CaseResult(status="unsupported", reason=absent[spec], **base_of(b, c)))
+            if absent_here(lane, b, c):
                 continue
             need = case_bytes(c)
-            with lock:
-                while held[0] and held[0] + need > budget:
-                    lock.wait()
-                held[0] += need
-            start = time.perf_counter() - t_run
-            starts.append(start)
+            admit.acquire(need)
             try:
-                res = lane.run(spec, twin_for(b), c, base_of(b, c))
-                res.timing.start_s = round(start, 3)
-            except Exception as e:  # noqa: BLE001 - e.g. a case that cannot be sent: one result lost, not the lane
-                res = CaseResult(status="error", reason=f"lane: {type(e).__name__}: {e}"[:2000], **base_of(b, c))
+                res = attempt(lane, b, c)
             finally:
-                with lock:
-                    held[0] -= need
-                    lock.notify_all()
+                admit.release(need)
             if res.status == "error" and _is_oom(res.reason or ""):
                 with lock:
                     retry.append((b, c))
@@ -676,8 +719,9 @@ def _run_lanes(todo, lanes: list[Lane], device, specs, twin_for, base_of, record
         for t in pool:
             t.join()
         t_last = time.perf_counter()
-        for b, c in retry:  # every other lane is closed: each runs alone
-            record(b, c, lanes[0].run(specs[b.name], twin_for(b), c, base_of(b, c)))
+        for b, c in alone + retry:  # every other lane is closed: each runs alone
+            if not absent_here(lanes[0], b, c):
+                record(b, c, attempt(lanes[0], b, c))
     finally:
         for lane in lanes:
             lane.close()
@@ -686,7 +730,7 @@ def _run_lanes(todo, lanes: list[Lane], device, specs, twin_for, base_of, record
     if starts:
         phases["first case at"] = t_run - t_start + min(starts)
     phases["lanes done at"] = t_last - t_start
-    if retry:
-        phases[f"{len(retry)} out-of-memory reruns until"] = t_end - t_start
+    if alone or retry:
+        phases[f"{len(alone)} cases alone and {len(retry)} out-of-memory reruns until"] = t_end - t_start
     phases["workers gone at"] = t_end - t_start
     return phases

@@ -216,6 +216,54 @@ def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
     assert len(load_results(out)[1]) == 12 and not meet.broken
 
 
+def test_admission_serves_in_turn_so_a_big_case_is_not_starved():
+    """A case that needs most of the budget waits for the cases in flight, and a small case that
+    asks after it waits behind it even though it would fit at once."""
+    import threading
+
+    from gdncheck.run import Admission
+
+    gate = Admission(10, threading.Condition())
+    gate.acquire(3)
+    order = []
+
+    def ask(name, need):
+        gate.acquire(need)
+        order.append(name)
+
+    big = threading.Thread(target=ask, args=("big", 9))
+    big.start()
+    while gate._next < 2:  # the big case has asked
+        threading.Event().wait(0.01)
+    small = threading.Thread(target=ask, args=("small", 1))
+    small.start()
+    small.join(0.5)
+    assert order == [] and small.is_alive() and big.is_alive()  # 3 + 1 would fit; it is not its turn
+    gate.release(3)
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"] and gate.held == 10
+
+
+def test_jobs_run_cases_past_the_budget_alone_at_the_end(tmp_path, monkeypatch):
+    """Cases whose bytes exceed the budget run after every lane is done, one at a time."""
+    import gdncheck.run as R
+
+    suite = _suite(tmp_path, [1, 2])
+    real = R.case_bytes
+    monkeypatch.setattr(R, "memory_budget", lambda device: 1 << 40)
+    monkeypatch.setattr(R, "case_bytes", lambda c: (1 << 41) if c.op == "verify" else real(c))
+    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r.jsonl", device="cpu",
+              progress=False, jobs=2)
+    _, res = load_results(out)
+    assert len(res) == 12 and all(r.status == "ok" for r in res)
+    big = [r for r in res if r.case.op == "verify"]
+    rest = [r for r in res if r.case.op != "verify"]
+    assert big and min(r.timing.start_s for r in big) >= max(r.timing.start_s + r.timing.wall_s for r in rest)
+    spans = sorted((r.timing.start_s, r.timing.start_s + r.timing.wall_s) for r in big)
+    assert all(a[1] <= b[0] + 1e-3 for a, b in zip(spans, spans[1:]))
+
+
 def test_jobs_settle_unsupported_pairs_without_the_memory_budget(tmp_path, monkeypatch):
     """Declared limits and a missing package are results at once: they take no share of the
     memory budget and no case of theirs reaches a worker; the cases that run record their start."""

@@ -116,14 +116,15 @@ def test_twin_on_cuda_equals_twin_on_cpu(twin, fields):
     Error model: each step sums K products in fp32, and the state carries T steps, so the two
     devices' fp32 results differ by about ``sqrt(T * K)`` fp32 roundings; bound ``d32 = 4 *
     sqrt(T * K) * 2**-24`` in rel_l2. A tensor stored in fp32 must stay within ``d32``. One stored
-    in bf16/fp16 is that fp32 value rounded once: an element can move to the neighbouring
-    representable value (1 ulp) when its fp32 value lies within ``d32`` of a rounding midpoint,
-    which a fraction of at most ``2 * d32 / 2**-p`` of the elements does (p: mantissa bits).
+    in bf16/fp16 is that fp32 value rounded once: an element moves by one rounding step (at most
+    ``eps`` of its value) when its fp32 value lies within ``d32`` of a rounding midpoint, which a
+    fraction of at most ``4 * d32 / eps`` of the elements does; bound ``d32 + sqrt(4 * d32 * eps)``.
+    Elementwise ulps do not bound it: where the K-term sums cancel, a small element's fp32 error
+    is hundreds of its own ulps (measured on the H100: 271).
     """
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
     from gdncheck.backends import load_backend
-    from gdncheck.metrics import ulp_distance
 
     be = load_backend(twin)
     case = Case(**M, **fields, seed=7)
@@ -136,13 +137,9 @@ def test_twin_on_cuda_equals_twin_on_cpu(twin, fields):
         g = g.cpu()
         assert g.dtype == c.dtype and torch.equal(g.isnan(), c.isnan()), what  # poison left in the same places
         live = ~c.isnan()
-        if c.dtype == torch.float32:
-            assert _rel(g[live], c[live].double()) <= d32, what
-            return
-        ulps = ulp_distance(g[live], c[live], c.dtype)
-        p = torch.finfo(c.dtype).nmant
-        assert ulps.max() <= 1, f"{what}: {int(ulps.max())} ulps apart"
-        assert (ulps > 0).double().mean() <= 2 * d32 / 2.0 ** -p, f"{what}: {(ulps > 0).double().mean():.2%} flipped"
+        eps = torch.finfo(c.dtype).eps
+        bound = d32 if c.dtype == torch.float32 else d32 + (4 * d32 * eps) ** 0.5
+        assert _rel(g[live], c[live].double()) <= bound, f"{what}: rel_l2 {_rel(g[live], c[live].double()):.2e} > {bound:.2e}"
 
     close(gpu.o, cpu.o, "o")
     close(gpu.state, cpu.state, "state")

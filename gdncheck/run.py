@@ -7,6 +7,7 @@ access or a device-side assert is recorded for that case and a fresh worker take
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing as mp
@@ -562,7 +563,7 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
                  for i, u in enumerate(first)]
     phases: dict[str, float] = {}
 
-    with out.open("a") as f:
+    with _closed_at_exit(lanes), out.open("a") as f:
         if header_needed:
             hdr = RunHeader(run_id=uuid.uuid4().hex[:12], suites=suites, backends=[b.name for b in backends],
                             environment=environment(c.seed for _, c in pairs),
@@ -587,15 +588,15 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
             if jobs > 1:
                 phases = _run_lanes(todo, lanes, device, specs, twin_for, base_of, record, t_start)
             elif isolate:
-                lanes: dict[str, Lane] = {}  # one worker process per backend
+                per_backend: dict[str, Lane] = {}  # one worker process per backend
                 try:
                     for b, c in todo:
-                        if b.name not in lanes:
-                            lanes[b.name] = Lane(device, b.name)
-                        lane = lanes[b.name]
+                        if b.name not in per_backend:
+                            per_backend[b.name] = Lane(device, b.name)
+                        lane = per_backend[b.name]
                         record(b, c, lane.run(specs[b.name], twin_for(b), c, base_of(b, c)))
                 finally:
-                    for lane in lanes.values():
+                    for lane in per_backend.values():
                         lane.close()
             else:
                 for b, c in todo:
@@ -607,6 +608,16 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
     if phases:
         print("run: " + ", ".join(f"{k} {v:.1f} s" for k, v in phases.items()), file=sys.stderr, flush=True)
     return out
+
+
+@contextlib.contextmanager
+def _closed_at_exit(lanes: list[Lane]):
+    """Close ``lanes`` however the block ends: none outlives a run that failed before they ran."""
+    try:
+        yield
+    finally:
+        for lane in lanes:
+            lane.close()
 
 
 def _declared_unsupported(b: Backend, c: Case, device: str, settled: list) -> bool:

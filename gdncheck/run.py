@@ -555,12 +555,16 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
         todo = [(b, c) for b, c in todo if not _declared_unsupported(b, c, device, settled)]
     lanes: list[Lane] = []
     if jobs > 1 and todo:
-        # Workers import torch and the package of the unit they will likely take first while the
-        # header is written (all packages in every worker would delay the first case by seconds).
-        first = schedule(todo)[:jobs]
-        lanes = [Lane(device, f"lane{i}", threads=worker_threads(jobs),
-                      preload=[s for s in (specs[u[0][0].name], twin_for(u[0][0])) if s]).start()
-                 for i, u in enumerate(first)]
+        budget = memory_budget(device)
+        # Cases that fit only alone would hold every lane idle while they wait for the GPU to drain
+        # and while they run; at the end they take their turns with no other lane left to drain.
+        alone = [(b, c) for b, c in todo if case_bytes(c) > budget]
+        units = schedule([(b, c) for b, c in todo if case_bytes(c) <= budget])
+        # Workers import torch and the package of the unit they take first while the header is
+        # written (all packages in every worker would delay the first case by seconds).
+        first = [[s for s in (specs[u[0][0].name], twin_for(u[0][0])) if s] for u in units[:jobs]] or [[]]
+        lanes = [Lane(device, f"lane{i}", threads=worker_threads(jobs), preload=pre).start()
+                 for i, pre in enumerate(first)]
     phases: dict[str, float] = {}
 
     with _closed_at_exit(lanes), out.open("a") as f:
@@ -585,8 +589,8 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
 
             for b, c, why in settled:
                 record(b, c, CaseResult(status="unsupported", reason=why, **base_of(b, c)))
-            if jobs > 1:
-                phases = _run_lanes(todo, lanes, device, specs, twin_for, base_of, record, t_start)
+            if lanes:  # jobs > 1 with work left
+                phases = _run_lanes(units, alone, budget, lanes, specs, twin_for, base_of, record, t_start)
             elif isolate:
                 per_backend: dict[str, Lane] = {}  # one worker process per backend
                 try:
@@ -632,24 +636,17 @@ def _declared_unsupported(b: Backend, c: Case, device: str, settled: list) -> bo
     return bool(why)
 
 
-def _run_lanes(todo, lanes: list[Lane], device, specs, twin_for, base_of, record, t_start: float) -> dict[str, float]:
-    """Run ``todo`` in ``lanes`` (threads here, one worker process each, started by the caller)
-    over :func:`schedule`'s units. Cases are admitted in turn into :func:`memory_budget`
-    (:class:`Admission`); those that exceed the budget, and those that run out of memory beside
-    others anyway, run alone at the end. A lane's worker exits as soon as no unit is left for it.
+def _run_lanes(units, alone, budget: int, lanes: list[Lane], specs, twin_for, base_of, record,
+               t_start: float) -> dict[str, float]:
+    """Run :func:`schedule`'s ``units`` in ``lanes`` (threads here, one worker process each, started
+    by the caller). Cases are admitted in turn into ``budget`` bytes (:class:`Admission`); the
+    ``alone`` pairs, past the budget, and those that run out of memory beside others anyway run
+    alone at the end. A lane's worker exits as soon as no unit is left for it.
 
     Returns the run's phases in seconds since ``t_start``: when lanes took their first case
     (``first case at``), when the last lane ran out of units (``lanes done at``) and when every
     worker was gone.
     """
-    budget = memory_budget(device)
-    # Cases that fit only alone would hold every lane idle while they wait for the GPU to drain
-    # and while they run; at the end they take their turns with no other lane left to drain.
-    alone = [(b, c) for b, c in todo if case_bytes(c) > budget]
-    units = schedule([(b, c) for b, c in todo if case_bytes(c) <= budget])
-    for lane in lanes[max(1, len(units)):]:
-        lane.close()
-    lanes = lanes[:max(1, len(units))]
     lock = threading.Condition()
     admit = Admission(budget, lock)
     retry: list[tuple[Backend, Case]] = []

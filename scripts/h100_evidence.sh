@@ -31,6 +31,8 @@ sample() {
       "$(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits | tr -d ' ')"
   done > "$RUNS/$1.util.tsv"
 }
+# sampled NAME CMD...: `timed NAME CMD...` with host load and GPU use sampled beside it
+sampled() { sample "$1" & local sp=$!; timed "$@"; kill $sp; }
 step_quantile() { timed bench_quantile python scripts/bench_quantile.py --device cuda; }
 step_bench() { timed bench_oracle gdncheck bench oracle --device cuda --json "$RUNS/bench_oracle.json"; }
 step_digests() {
@@ -48,27 +50,15 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 step_gate_smoke() { cold smoke; timed gate_smoke gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke" --no-progress; }
 # The same tier again on the caches the cold run left (a persistent runner's second run).
 step_gate_smoke_warm() { warm "${WARM_FROM:-smoke}"; timed gate_smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/gate_smoke_warm" --no-progress; }
-step_models() {
-  cold models; sample models & local sp=$!
-  timed models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render
-  kill $sp
-}
-step_gate_full() {
-  cold full; sample gate_full & local sp=$!
-  timed gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress
-  kill $sp
-}
+step_models() { cold models; sampled models gdncheck run --suite models -j "$J" --out "$RUNS/models" --no-progress --no-render; }
+step_gate_full() { cold full; sampled gate_full gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --no-progress; }
 # A full tier cut by the call's time limit goes on where it stopped (results are incremental).
 step_gate_full_resume() {
-  warm full; sample gate_full_resume & local sp=$!
-  timed gate_full_resume gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --resume --no-progress
-  kill $sp
+  warm full; sampled gate_full_resume gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full" --resume --no-progress
 }
 # The full tier again, from scratch, on the caches the cold full tier left (a nightly runner).
 step_gate_full_warm() {
-  warm full; sample gate_full_warm & local sp=$!
-  timed gate_full_warm gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full_warm" --no-progress
-  kill $sp
+  warm full; sampled gate_full_warm gdncheck gate --tier full -j "$J" --out "$RUNS/gate_full_warm" --no-progress
 }
 # One GPU: the smoke tier unsharded, then as two shards merged; both on warm caches.
 step_smoke_shards() {
@@ -84,11 +74,10 @@ step_smoke_shards() {
 }
 # On the caches of the models step. The backends that take g and beta or a state dtype from the caller.
 step_ablate() {
-  warm models; sample ablate & local sp=$!
-  timed ablate gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 -j "${JA:-8}" \
+  warm models
+  sampled ablate gdncheck ablate --beta-quant --exp-precision --state-dtype --suite models --seeds 2 -j "${JA:-8}" \
     -b twin-fla -b twin-flashinfer -b fla-chunk -b fla-recurrent -b flashinfer-prefill -b flashinfer-decode \
     -b flashinfer-mtp --no-progress --out "$RUNS/ablate"
-  kill $sp
 }
 step_drift() {
   timed drift_position timeout 200 gdncheck drift position -b flashinfer-prefill -b fla-chunk --T 16384 --bins 32 --vocab 151936 \
@@ -100,7 +89,7 @@ step_gputests() { warm full; timed gpu_tests timeout 300 python -m pytest -q -m 
 # Steps share one time budget so the packing below always runs inside the call's limit.
 export -f log timed gdncheck $(declare -F | awk '/step_/{print $3}')
 export RUNS J
-export -f cold warm sample
+export -f cold warm sample sampled
 timeout "${BUDGET_S:-540}" bash -c 'trap "kill -TERM \$(jobs -p) 2>/dev/null; pkill -TERM -P \$\$; exit 124" TERM
   for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
 echo "steps ended with rc=$?"

@@ -14,7 +14,8 @@ from importlib.metadata import version as _pkg_version
 import torch
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 _MOD = "sglang.srt.layers.attention.fla.fused_sigmoid_gating_recurrent"
 

@@ -64,7 +64,8 @@ from dataclasses import dataclass
 import torch
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 from gdncheck_reference import from_v_last, to_v_last
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -113,6 +114,7 @@ class _Twin(Backend):
 
     family = "twin"
     caps = Capabilities(gqa=True, device="any")
+    ablation_knobs = frozenset({"beta-quant", "exp-precision", "state-dtype", "gate-source", "l2norm", "fast-math"})
     zero_length_policy = "passthrough"
     # family specifics, set by subclasses
     _inv_dtype: torch.dtype | None = None  # dtype of (I + A)^-1 in prefill; None = input dtype

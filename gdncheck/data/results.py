@@ -1,13 +1,16 @@
-"""Versioned report schema (pydantic). One :class:`CaseResult` per (case, backend), streamed as JSONL."""
+"""The results schema (pydantic): one :class:`CaseResult` per (case, backend), streamed as JSONL
+after a :class:`RunHeader` line. Version 2 adds the run's plan and fingerprint to the header;
+version 1 files (no plan) still load, and say so wherever their evidence is counted."""
 from __future__ import annotations
 
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from gdncheck.cases import Case
+from gdncheck.data.case import Case
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 
 Status = Literal["ok", "unsupported", "error", "nan", "crash"]
 
@@ -95,12 +98,41 @@ class Environment(BaseModel):
     triton: str | None = None
     flashinfer: str | None = None
     fla: str | None = None
+    sglang: str | None = None
+    vllm: str | None = None
     gdncheck: str | None = None
     git_rev: str | None = None
     python: str | None = None
     host: str | None = None
     command: str | None = None
     seeds: list[int] = Field(default_factory=list)
+
+
+class Fingerprint(BaseModel):
+    """What a run's results depend on besides the cases' own fields: a resumed run must match it.
+
+    ``backends`` maps each backend name to the hash of the source file that defines it (plugins
+    included), so an edited kernel adapter or plugin is never resumed into stale results.
+    """
+
+    gdncheck: str | None = None
+    git_rev: str | None = None
+    packages: dict[str, str | None] = Field(default_factory=dict, description="kernel and compiler package versions")
+    backends: dict[str, str] = Field(default_factory=dict, description="backend name -> sha256[:16] of its source")
+    budgets: str | None = Field(None, description="sha256[:16] of the budgets files in force")
+    plan: str | None = Field(None, description="sha256[:16] of the planned (case id, backend) pairs")
+    device: str | None = None
+
+    def differs(self, other: "Fingerprint") -> str | None:
+        """The first field in which ``other`` differs, in words, or None."""
+        for name in type(self).model_fields:
+            a, b = getattr(self, name), getattr(other, name)
+            if a != b:
+                if isinstance(a, dict) and isinstance(b, dict):
+                    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+                    return f"{name}: {', '.join(f'{k} {a.get(k)} -> {b.get(k)}' for k in keys[:3])}"
+                return f"{name}: {a} -> {b}"
+        return None
 
 
 class RunHeader(BaseModel):
@@ -112,5 +144,9 @@ class RunHeader(BaseModel):
     suites: list[str]
     backends: list[str]
     environment: Environment
-    shard: str | None = None
+    shard: str | None = Field(None, description="'i/n' when this file holds one shard of a run")
+    shards: list[str] = Field(default_factory=list, description="the shards a merged file was made from")
     jobs: int = Field(1, description="worker processes sharing the device (their case times overlap)")
+    planned: list[tuple[str, str]] | None = Field(
+        None, description="(case id, backend) pairs the run set out to judge; None in version 1 files")
+    fingerprint: Fingerprint | None = None

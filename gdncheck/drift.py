@@ -267,18 +267,3 @@ def rollout(backend: Backend, case_template: Case, steps: int = 1000, *, state_d
 def _template(H, HV, K, V, dtype, state_dtype, layout, gate_source, gate_dist, seed, N=1) -> Case:
     return Case(op="decode", seqlens=[1] * N, H=H, HV=HV, K=K, V=V, dtype=dtype, state_dtype=state_dtype,
                 layout=layout, gate_source=gate_source, gate_dist=gate_dist, seed=seed)
-
-
-def _write(result: DriftResult, out: Path, stem: str) -> list[Path]:
-    from gdncheck.report import plots
-
-    out.mkdir(parents=True, exist_ok=True)
-    js = out / f"{stem}.json"
-    js.write_text(result.model_dump_json(indent=1))
-    files = [js]
-    for title, fig in plots.drift_figures(result):
-        png = out / f"{stem}-{plots.slug(title)}.png"
-        fig.savefig(png, dpi=110, bbox_inches="tight")
-        plots.close(fig)
-        files.append(png)
-    return files

@@ -85,25 +85,42 @@ def plan(suites: list[str], backends: list[Backend], shard: tuple[int, int] | No
     return pairs
 
 
-def source_hash(backend: Backend) -> str:
-    """sha256[:16] of the source file defining ``backend``'s class (a plugin's own module)."""
+def source_hash(backend: Backend, spec: str | None = None) -> str:
+    """sha256[:16] of the source files behind a backend: the module defining its class and, for a
+    ``module:factory`` spec, the factory's module (a plugin edited since is another backend)."""
+    import importlib.util
+
+    h = hashlib.sha256()
+    files = []
     try:
-        path = inspect.getsourcefile(type(backend))
-        data = Path(path).read_bytes() if path else type(backend).__qualname__.encode()
-    except (OSError, TypeError):
-        data = type(backend).__qualname__.encode()
-    return hashlib.sha256(data).hexdigest()[:16]
+        files.append(inspect.getsourcefile(type(backend)))
+    except TypeError:
+        pass
+    if spec and ":" in spec:
+        try:
+            found = importlib.util.find_spec(spec.partition(":")[0])
+            files.append(found.origin if found else None)
+        except (ImportError, ValueError):
+            pass
+    for f in files:
+        try:
+            h.update(Path(f).read_bytes() if f else b"")
+        except OSError:
+            pass
+    h.update(type(backend).__qualname__.encode())
+    return h.hexdigest()[:16]
 
 
 def fingerprint(backends: list[Backend], pairs: list[tuple[Backend, Case]], budgets: Budgets | None,
-                device: str) -> Fingerprint:
+                device: str, specs: list[str] | None = None) -> Fingerprint:
     env = environment()
     planned = sorted((c.id, b.name) for b, c in pairs)
     return Fingerprint(
         gdncheck=env.gdncheck, git_rev=env.git_rev,
         packages={"torch": env.torch, "triton": env.triton, "flashinfer": env.flashinfer, "fla": env.fla,
                   "sglang": env.sglang, "vllm": env.vllm},
-        backends={b.name: source_hash(b) for b in backends}, budgets=budgets.digest if budgets else None,
+        backends={b.name: source_hash(b, s) for b, s in zip(backends, specs or [None] * len(backends))},
+        budgets=budgets.digest if budgets else None,
         plan=hashlib.sha256(json.dumps(planned).encode()).hexdigest()[:16], device=device)
 
 
@@ -255,7 +272,7 @@ def run(suites: list[str], backend_specs: list[str], out: Path | None = None, *,
         raise UsageError("--jobs > 1 runs worker processes: it cannot be combined with --no-isolate")
     backends = [load_backend(s) for s in backend_specs]
     pairs = plan(suites, backends, shard, seeds)
-    fp = fingerprint(backends, pairs, budgets, device)
+    fp = fingerprint(backends, pairs, budgets, device, backend_specs)
     rd = open_run_dir(out, resume=resume, overwrite=overwrite, root=run_root, fp=fp)
     try:
         return _run(rd, suites, backends, backend_specs, pairs, fp, device=device, isolate=isolate, shard=shard,

@@ -350,3 +350,32 @@ def test_jobs_rerun_a_task_that_ran_out_of_memory_alone(tmp_path, monkeypatch):
     assert len(two.records) == len(one.records) > 0
     for a, b in zip(one.records, two.records):
         _same_record({**a, "backend": None}, {**b, "backend": None})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("switch", ["beta-quant", "exp-precision"])
+def test_unmodified_arm_measures_what_run_measures(switch):
+    """For every smoke case, arm A of an ablation (no switch applied) gives the metrics that
+    ``gdncheck run`` gives on the same inputs digest: each case is measured against its own oracle
+    (its gates, its L2-norm setting, its state), never a reference with other settings."""
+    from gdncheck.execute import run_case
+
+    sw = ab.make_switch(switch)
+    runner = ab.ArmRunner(sw, "twin-fla", "cpu", VOCAB)
+    be = load_backend("twin-fla")
+    seen_no_l2norm = False
+    for c in load_suite("smoke"):
+        if c.K * c.V * max(c.seqlens) > 128 * 128 * 64 and c.op == "prefill":
+            continue  # the long prefill cases add minutes and no new reference setting
+        rec = runner.run(c, 0, defer_flips=True)
+        runner.flips([rec])
+        if rec["status"] != "ok":
+            continue
+        res = run_case(be, c, device="cpu", twin=None)
+        assert rec["digest"] == inputs_digest(materialize(c)), c.name
+        for t in ("o", "state", "intermediate"):
+            if t in res.metrics:
+                assert rec[t] == res.metrics[t].rel_l2, (c.name, t)
+                assert rec[t + "_floors"] == res.metrics[t].in_floors, (c.name, t)
+        seen_no_l2norm |= not c.l2norm
+    assert seen_no_l2norm  # the case that exposed the forced-l2norm reference is among them

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from gdncheck.cli import app, command, say
-from gdncheck.cli.common import backend_specs, resolve_device
+from gdncheck.cli.common import backend_specs, resolve_device, writable_dir
 from gdncheck.data.errors import UsageError
 
 
@@ -55,9 +55,7 @@ def ablate_cmd(
     specs = backend_specs(backend, device)
     suites = suite or ["smoke"]
     cases = [c for s in suites for c in load_suite(s)]
-    out.mkdir(parents=True, exist_ok=True)
-    if not os.access(out, os.W_OK):
-        raise UsageError(f"--out {out}: not writable")
+    writable_dir(out)
 
     def after(r, sw, spec):  # a partial report survives a killed run
         say(f"{sw} on {spec}: done ({r.wall_s:.0f} s)")

@@ -35,3 +35,20 @@ def resolve_device(device: str | None) -> str:
     device = device or default_device()
     check_device(device)
     return device
+
+
+def writable_dir(path) -> "Path":
+    """``path`` created if needed and checked writable, or one :class:`UsageError` (before any work)."""
+    import os
+    from pathlib import Path
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {p}: exists and is not a directory")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {p}: cannot write there: {e.strerror or e}") from None
+    if not os.access(p, os.W_OK):
+        raise UsageError(f"--out {p}: not writable")
+    return p

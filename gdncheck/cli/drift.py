@@ -11,7 +11,7 @@ from rich.table import Table
 from gdncheck.backends import load_backend
 from gdncheck.cli import app, command
 from gdncheck.data.drift import DriftResult
-from gdncheck.drift import _template, _write, position_error, rollout
+from gdncheck.drift import _template, position_error, rollout
 
 if True:  # the drift command group
     drift_app = typer.Typer(help="Error drift: along long sequences, over decode rollouts, at the logits.",
@@ -87,4 +87,19 @@ if True:  # the drift command group
         con.print(tab)
         for f in _write(res, out, "drift-rollout"):
             con.print(f"wrote {f}")
+
+
+def _write(result: DriftResult, out: Path, stem: str) -> list[Path]:
+    from gdncheck.report import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    js = out / f"{stem}.json"
+    js.write_text(result.model_dump_json(indent=1))
+    files = [js]
+    for title, fig in plots.drift_figures(result):
+        png = out / f"{stem}-{plots.slug(title)}.png"
+        fig.savefig(png, dpi=110, bbox_inches="tight")
+        plots.close(fig)
+        files.append(png)
+    return files
 

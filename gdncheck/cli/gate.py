@@ -68,7 +68,11 @@ def gate_cmd(
     from gdncheck.data.errors import UsageError
     from gdncheck.report.verdict import verdict_markdown, verdict_text
 
+    from gdncheck.cli.common import writable_dir
+
     b = load_budgets(budgets or [])
+    if out is not None:
+        writable_dir(out)
     if kill_table_:
         raise typer.Exit(_kill_table(b, seeds or 20, device or "cpu",
                                      out or Path("runs/kill-table"), progress))

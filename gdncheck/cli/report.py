@@ -33,7 +33,10 @@ def render_cmd(
     from gdncheck.report.render import render
     from gdncheck.report.verdict import verdict_text
 
+    from gdncheck.cli.common import writable_dir
+
     b = load_budgets(budgets or [])
+    writable_dir(out)
     header, rs = load_results(results)
     v = judge_run(rs, b, planned=header.planned, shards=header.shards, allow_empty=allow_empty)
     r = render(header, rs, v, b, out, drift=[load_drift(p) for p in drift or []], plots=not no_plots)

@@ -20,7 +20,7 @@ err = Console(stderr=True)
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 
 # Modules that contribute commands, in help order.
-_COMMAND_MODULES = ("cases_cli", "bench", "report.cli", "drift", "gate", "ablate")
+_COMMAND_MODULES = ("cases_cli", "bench", "report.cli", "drift", "gate", "ablate", "explain")
 
 
 def usage_error(msg: str) -> typer.Exit:

@@ -817,14 +817,18 @@ def register(app) -> None:
         head_dim: Annotated[Optional[int], typer.Option("--head-dim", help="K = V of the built-in cases (default 32 on CPU, 128 on CUDA)")] = None,
     ) -> None:
         """Why do two kernels differ? Attribute their gap to rounding choices via precision twins."""
-        from gdncheck.cli import EXIT_ENV, EXIT_OK, err, usage_error
+        from gdncheck.cli import EXIT_ENV, EXIT_OK, EXIT_USAGE, err
+
+        def usage_error(msg: str) -> typer.Exit:  # one line, however wide the terminal
+            err.print(f"error: {msg}", markup=False, soft_wrap=True)
+            return typer.Exit(EXIT_USAGE)
         from gdncheck.cases import SuiteError, load_suite
         from gdncheck.report.explain import render_all, terminal
         from gdncheck.run import default_device
 
         dev = device or default_device()
         if dev.startswith("cuda") and not torch.cuda.is_available():
-            err.print("error: --device cuda but no CUDA device is visible", markup=False)
+            err.print("error: --device cuda but no CUDA device is visible", markup=False, soft_wrap=True)
             raise typer.Exit(EXIT_ENV)
         if b is None and save is None:
             raise usage_error("explain needs two kernels (A B), or one with --save DIR")
@@ -835,7 +839,7 @@ def register(app) -> None:
         for s in sides:
             why = _unavailable(s)
             if why:
-                err.print(f"error: {s.name} is not available here: {why}", markup=False)
+                err.print(f"error: {s.name} is not available here: {why}", markup=False, soft_wrap=True)
                 raise typer.Exit(EXIT_ENV)
         # cases
         try:

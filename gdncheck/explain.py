@@ -295,7 +295,7 @@ def replicate(cases: list[Case], seeds: int) -> list[Case]:
 
 # ============================================================================ per-case context
 
-@dataclass
+@dataclass(eq=False)
 class Ctx:
     """One case: the inputs, the oracle under both policies, masks, and the channel views."""
 
@@ -533,12 +533,17 @@ class _Acc:
 
 
 def _where(ctxs: list[Ctx]) -> Where:
-    """A-B on the output per value head and per position bin (in floors of that head / bin)."""
+    """A-B on the output per value head and per position bin (in floors of that head / bin).
+
+    Positions are token indices within their sequence; when prefill cases are present only they
+    enter the position bins (decode and verify tokens sit at positions 0..T-1 of other calls)."""
     outs = [c for c in ctxs if "o" in c.a and "o" in c.b]
     if not outs:
         return Where()
+    pre = [c for c in outs if c.case.op == "prefill"]
     HS = max(c.ref["o"].shape[1] for c in outs)
-    tmax = max(int(c.pos.max()) + 1 for c in outs if c.pos.numel())
+    binned = pre or outs
+    tmax = max((int(c.pos.max()) + 1 for c in binned if c.pos.numel()), default=1)
     nb = min(POSITION_BINS, tmax)
     edges = [round(i * tmax / nb) for i in range(nb + 1)]
     h = {k: torch.zeros(HS, dtype=F64) for k in ("ab", "ref", "flo")}
@@ -552,9 +557,11 @@ def _where(ctxs: list[Ctx]) -> Where:
         h["ab"][:hs] += ((a - b) ** 2).sum((0, 2))
         h["ref"][:hs] += (r ** 2).sum((0, 2))
         h["flo"][:hs] += fl.sum((0, 2))
-        bi = torch.bucketize(c.pos, torch.tensor(edges[1:-1]), right=True)
-        for key, val in (("ab", (a - b) ** 2), ("a", (a - r) ** 2), ("b", (b - r) ** 2), ("ref", r ** 2), ("flo", fl)):
-            bins[key].index_add_(0, bi, val.sum((1, 2)))
+        if any(c is x for x in binned):
+            bi = torch.bucketize(c.pos, torch.tensor(edges[1:-1]), right=True)
+            for key, val in (("ab", (a - b) ** 2), ("a", (a - r) ** 2), ("b", (b - r) ** 2), ("ref", r ** 2),
+                             ("flo", fl)):
+                bins[key].index_add_(0, bi, val.sum((1, 2)))
         tok_diff += int((~bits_equal(c.a["o"], c.b["o"].to(c.a["o"].dtype))).flatten(1).any(1).sum())
         tok_n += a.shape[0]
 
@@ -875,7 +882,7 @@ def register(app) -> None:
         terminal(ex)
         if out is not None:
             paths = render_all(ex, out)
-            err.print("report: " + ", ".join(str(p) for p in paths), markup=False)
+            err.print("report: " + ", ".join(str(p) for p in paths), markup=False, soft_wrap=True)
         if ex.verdict == "nothing compared":
             raise typer.Exit(EXIT_ENV)
         raise typer.Exit(EXIT_OK)

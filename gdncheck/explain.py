@@ -16,12 +16,14 @@ Algorithm:
 3. Fit each kernel with a precision twin (:class:`gdncheck.backends.twins.FLATwin` with every
    knob of :data:`KNOB_GRID` explicit): coordinate-wise steepest descent from the family
    default (the kernel's declared twin; then from the other family, keeping the better fit).
-   The fit score of a twin is ``sum over channels of ||X - twin||^2 / ||X - oracle||^2``
-   (pooled over cases): the share of the kernel's own error the twin fails to reproduce, so
-   output (bf16) and state (fp32) weigh alike. A move is taken only when it lowers the score by
-   more than :data:`MIN_GAIN` (relative): knobs that change nothing are never picked.
+   The fit score of a twin is the mean over (case, channel) of ``min(1, ||X - twin||^2 /
+   ||X - oracle||^2)``: the share of the kernel's own error the twin fails to reproduce, so
+   output (bf16) and state (fp32), bf16 and fp32 cases weigh alike. A move is taken only when it
+   lowers the score and is decisive on some (case, channel) (:func:`_decisive`: reproduced
+   exactly, or :data:`DECISIVE` times closer by at least :data:`ABS_GAIN`): knobs that change
+   nothing, or only reshuffle the noise of another order of fp32 operations, are never picked.
 4. The explanation is the set of knobs on which A's and B's best twins differ, after dropping
-   those a fit can adopt from the other side without losing more than :data:`MIN_GAIN`
+   those a fit can adopt from the other side with no (case, channel) getting decisively worse
    ("not observable on these cases").
 5. Share explained, per channel: ``1 - ||(A - B) - (tA - tB)||^2 / ||A - B||^2`` (pooled over
    cases): the fraction of the gap's squared norm the twin pair reproduces. Squared rather than
@@ -33,7 +35,7 @@ Algorithm:
    the worst channel where A and B differ. A and B bit-identical on every compared element:
    "no difference".
 
-The search is cheap: one round costs one twin run per alternative knob value per case (13 with
+The search is cheap: one round costs one twin run per alternative knob value per case (11 with
 :data:`KNOB_GRID`), twin outputs are cached per (configuration, case), and an exact fit (score 0)
 stops at once.
 """
@@ -91,7 +93,8 @@ KNOB_TEXT: dict[str, str] = {
     "per_step_state_round": "rounds a low-precision state after every token",
     "bf16_output": "computes decode/verify output in bf16 (fp16 inputs)",
 }
-MIN_GAIN = 0.05  # relative score change below which a move is noise (see module docstring)
+DECISIVE = 2.0  # factor by which a move must bring some (case, channel) closer (see _decisive)
+ABS_GAIN = 0.01  # ... and by at least this share of the kernel's error energy there
 EXPLAINED_MAX_RESIDUAL = 0.5
 NOT_EXPLAINED_MIN_RESIDUAL = 0.8
 CHANNELS = ("o", "state", "intermediate")
@@ -137,7 +140,7 @@ class Fit(BaseModel):
 
     knobs: dict[str, Any]
     start: str = Field(description="family the winning search started from")
-    score: float = Field(description="sum over channels of ||X - twin||^2 / ||X - oracle||^2")
+    score: float = Field(description="mean over (case, channel) of ||X - twin||^2 / ||X - oracle||^2")
     identical: float | None = Field(None, description="fraction of output elements bit-identical to the twin")
     within_1ulp: float | None = None
     residual_floors: float | None = Field(None, description="rel_l2(X, twin) over the oracle norm, in floors (output)")
@@ -183,7 +186,7 @@ class Explanation(BaseModel):
     search: str = ""
     thresholds: dict[str, float] = Field(default_factory=lambda: {
         "explained_max_residual": EXPLAINED_MAX_RESIDUAL, "not_explained_min_residual": NOT_EXPLAINED_MIN_RESIDUAL,
-        "min_gain": MIN_GAIN})
+        "decisive": DECISIVE, "abs_gain": ABS_GAIN})
     seconds: float | None = None
 
 
@@ -356,6 +359,7 @@ class Fitter:
         self.ctxs = ctxs
         self.side_policy = side_policy  # case id -> (policy, zero-length policy) of the kernel fitted
         self.cache: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.ratios: dict[tuple, list[float]] = {}
         self.runs = 0
 
     def twin_out(self, cfg: dict, i: int, policy: tuple[str, str]) -> dict[str, torch.Tensor]:
@@ -370,33 +374,51 @@ class Fitter:
         return self.cache[key]
 
 
-def _score(fitter: Fitter, cfg: dict, side: str, pols: list[tuple[str, str]]) -> float:
-    """sum_c ||X_c - T_c||^2 / ||X_c - R_c||^2, pooled over cases (module docstring)."""
-    num = dict.fromkeys(CHANNELS, 0.0)
-    den = dict.fromkeys(CHANNELS, 0.0)
-    ref_sq = dict.fromkeys(CHANNELS, 0.0)
+def _ratios(fitter: Fitter, cfg: dict, side: str, pols: list[tuple[str, str]]) -> list[float]:
+    """Per (case, channel): ``||X - T||^2 / ||X - R||^2``, the share of the kernel's own error
+    (X against the oracle R) that the twin T does not reproduce. Per case, so that an fp32 case
+    is not swamped by the larger errors of bf16 ones."""
+    key = (_key(cfg), side)
+    if key in fitter.ratios:
+        return fitter.ratios[key]
+    out = []
     for i, ctx in enumerate(fitter.ctxs):
         x = getattr(ctx, side)
         tw = fitter.twin_out(cfg, i, pols[i])
-        for c, xv in x.items():
-            if c not in tw:
+        for c in CHANNELS:
+            if c not in x or c not in tw:
                 continue
-            x64 = xv.to(F64)
-            num[c] += float(((x64 - tw[c].to(F64)) ** 2).sum())
-            den[c] += float(((x64 - ctx.ref[c]) ** 2).sum())
-            ref_sq[c] += float((ctx.ref[c] ** 2).sum())
-    total = 0.0
-    for c in CHANNELS:
-        if ref_sq[c] == 0 and num[c] == 0:
-            continue
-        total += num[c] / max(den[c], 1e-30 * ref_sq[c], 1e-300)
-    return total
+            x64, r = x[c].to(F64), ctx.ref[c]
+            num = float(((x64 - tw[c].to(F64)) ** 2).sum())
+            den = float(((x64 - r) ** 2).sum())
+            # capped at 1: a twin further from X than the oracle reproduces none of X's error
+            # there, however far it is (noise of another fp32 order must not dominate the mean)
+            out.append(0.0 if num == 0 else min(1.0, num / max(den, 1e-30 * float((r ** 2).sum()), 1e-300)))
+    fitter.ratios[key] = out
+    return out
+
+
+def _score(fitter: Fitter, cfg: dict, side: str, pols: list[tuple[str, str]]) -> float:
+    """The fit score: mean of :func:`_ratios` (0 = the twin reproduces the kernel exactly)."""
+    r = _ratios(fitter, cfg, side, pols)
+    return sum(r) / len(r) if r else 0.0
+
+
+def _decisive(better: list[float], worse: list[float]) -> bool:
+    """Some (case, channel) is reproduced exactly under ``better`` and not under ``worse``, or is
+    at least DECISIVE times closer and by at least ABS_GAIN of the kernel's error energy: a
+    rounding switch acts on the elements it touches far above the noise of a different order of
+    fp32 operations, which reshuffles a few 1-ulp flips (ratios ~1e-6..1e-3) or leaves the
+    twin further than the oracle (ratio capped at 1)."""
+    return any((b == 0 < w) or (w >= DECISIVE * b and w - b >= ABS_GAIN) for b, w in zip(better, worse))
 
 
 def fit(fitter: Fitter, side: str, pols: list[tuple[str, str]], start: str,
         max_rounds: int = 4) -> tuple[dict, float, int, str]:
     """Coordinate-wise steepest descent from the family ``start``, then from the other family
-    when the first did not reproduce the kernel exactly. Returns ``(knobs, score, evals, start)``."""
+    when the first did not reproduce the kernel exactly. A move is taken when it lowers the
+    score and is decisive on some (case, channel) (:func:`_decisive`); the best such move wins.
+    Returns ``(knobs, score, evals, start)``."""
     evals = 0
 
     def descend(cfg: dict) -> tuple[dict, float]:
@@ -406,6 +428,7 @@ def fit(fitter: Fitter, side: str, pols: list[tuple[str, str]], start: str,
         for _ in range(max_rounds):
             if s == 0:
                 break
+            cur = _ratios(fitter, cfg, side, pols)
             best, best_s = None, s
             for k, vals in KNOB_GRID.items():
                 for v in vals:
@@ -414,9 +437,9 @@ def fit(fitter: Fitter, side: str, pols: list[tuple[str, str]], start: str,
                     cand = {**cfg, k: v}
                     sc = _score(fitter, cand, side, pols)
                     evals += 1
-                    if sc < best_s:
+                    if sc < best_s and _decisive(_ratios(fitter, cand, side, pols), cur):
                         best, best_s = cand, sc
-            if best is None or best_s > s * (1 - MIN_GAIN):
+            if best is None:
                 break
             cfg, s = best, best_s
         return cfg, s
@@ -426,7 +449,7 @@ def fit(fitter: Fitter, side: str, pols: list[tuple[str, str]], start: str,
     if s > 0:
         other = next(f for f in FAMILIES if f != start)
         cfg2, s2 = descend(dict(FAMILIES[other]))
-        if s2 < s * (1 - MIN_GAIN):
+        if s2 < s and _decisive(_ratios(fitter, cfg2, side, pols), _ratios(fitter, cfg, side, pols)):
             cfg, s, won = cfg2, s2, other
     return cfg, s, evals, won
 
@@ -455,22 +478,24 @@ def _fit_quality(fitter: Fitter, cfg: dict, side: str, pols) -> tuple[float | No
     return same / n, one / n, res
 
 
-def _simplify(fitter: Fitter, ca: dict, cb: dict, sa: float, sb: float, pa, pb) -> tuple[dict, dict, list[str]]:
-    """Drop differences no case shows: where one fit can take the other's value without losing
-    more than MIN_GAIN, it does. Returns the new configs and the knobs dropped."""
+def _simplify(fitter: Fitter, ca: dict, cb: dict, pa, pb) -> tuple[dict, dict, list[str]]:
+    """Drop differences no case shows: where one fit can take the other's value with no
+    (case, channel) getting decisively worse, it does. Returns the new configs and the knobs dropped."""
+    def no_worse(side, pols, cur, trial) -> bool:
+        return not _decisive(_ratios(fitter, cur, side, pols), _ratios(fitter, trial, side, pols))
+
     dropped = []
     for k in KNOB_GRID:
         if ca[k] == cb[k]:
             continue
-        trial_b = {**cb, k: ca[k]}
-        if _score(fitter, trial_b, "b", pb) <= sb * (1 + MIN_GAIN):
-            cb, sb = trial_b, _score(fitter, trial_b, "b", pb)
-            dropped.append(k)
+        trial_b, trial_a = {**cb, k: ca[k]}, {**ca, k: cb[k]}
+        if no_worse("b", pb, cb, trial_b):
+            cb = trial_b
+        elif no_worse("a", pa, ca, trial_a):
+            ca = trial_a
+        else:
             continue
-        trial_a = {**ca, k: cb[k]}
-        if _score(fitter, trial_a, "a", pa) <= sa * (1 + MIN_GAIN):
-            ca, sa = trial_a, _score(fitter, trial_a, "a", pa)
-            dropped.append(k)
+        dropped.append(k)
     return ca, cb, dropped
 
 
@@ -673,7 +698,7 @@ def explain(a: Side, b: Side, cases: list[Case], *, device: str = "cpu", progres
     fitter = Fitter(ctxs, {})
     ca, sa, na, wa = fit(fitter, "a", pols_a, a.family_twin)
     cb, sb, nb, wb = fit(fitter, "b", pols_b, b.family_twin)
-    ca, cb, dropped = _simplify(fitter, ca, cb, sa, sb, pols_a, pols_b)
+    ca, cb, dropped = _simplify(fitter, ca, cb, pols_a, pols_b)
     sa, sb = _score(fitter, ca, "a", pols_a), _score(fitter, cb, "b", pols_b)
     ex.fit_a = Fit(knobs=ca, start=wa, score=sa, evaluations=na, **dict(zip(
         ("identical", "within_1ulp", "residual_floors"), _fit_quality(fitter, ca, "a", pols_a))))

@@ -19,8 +19,9 @@ Algorithm:
    The fit score of a twin is the mean over (case, channel) of ``min(1, ||X - twin||^2 /
    ||X - oracle||^2)``: the share of the kernel's own error the twin fails to reproduce, so
    output (bf16) and state (fp32), bf16 and fp32 cases weigh alike. A move is taken only when it
-   lowers the score and is decisive on some (case, channel) (:func:`_decisive`: reproduced
-   exactly, or :data:`DECISIVE` times closer by at least :data:`ABS_GAIN`): knobs that change
+   lowers the score and is decisive on some (case, channel) (:func:`_decisive`:
+   :data:`DECISIVE` times closer by at least :data:`ABS_GAIN`, :data:`EXACT_GAIN` when
+   reproduced exactly): knobs that change
    nothing, or only reshuffle the noise of another order of fp32 operations, are never picked.
 4. The explanation is the set of knobs on which A's and B's best twins differ, after dropping
    those a fit can adopt from the other side with no (case, channel) getting decisively worse
@@ -95,6 +96,7 @@ KNOB_TEXT: dict[str, str] = {
 }
 DECISIVE = 2.0  # factor by which a move must bring some (case, channel) closer (see _decisive)
 ABS_GAIN = 0.01  # ... and by at least this share of the kernel's error energy there
+EXACT_GAIN = 1e-4  # ... or this much when the closer twin reproduces it bit for bit
 EXPLAINED_MAX_RESIDUAL = 0.5
 NOT_EXPLAINED_MIN_RESIDUAL = 0.8
 CHANNELS = ("o", "state", "intermediate")
@@ -186,7 +188,7 @@ class Explanation(BaseModel):
     search: str = ""
     thresholds: dict[str, float] = Field(default_factory=lambda: {
         "explained_max_residual": EXPLAINED_MAX_RESIDUAL, "not_explained_min_residual": NOT_EXPLAINED_MIN_RESIDUAL,
-        "decisive": DECISIVE, "abs_gain": ABS_GAIN})
+        "decisive": DECISIVE, "abs_gain": ABS_GAIN, "exact_gain": EXACT_GAIN})
     seconds: float | None = None
 
 
@@ -405,12 +407,13 @@ def _score(fitter: Fitter, cfg: dict, side: str, pols: list[tuple[str, str]]) ->
 
 
 def _decisive(better: list[float], worse: list[float]) -> bool:
-    """Some (case, channel) is reproduced exactly under ``better`` and not under ``worse``, or is
-    at least DECISIVE times closer and by at least ABS_GAIN of the kernel's error energy: a
-    rounding switch acts on the elements it touches far above the noise of a different order of
-    fp32 operations, which reshuffles a few 1-ulp flips (ratios ~1e-6..1e-3) or leaves the
-    twin further than the oracle (ratio capped at 1)."""
-    return any((b == 0 < w) or (w >= DECISIVE * b and w - b >= ABS_GAIN) for b, w in zip(better, worse))
+    """Some (case, channel) is at least DECISIVE times closer under ``better`` and by at least
+    ABS_GAIN of the kernel's error energy there (EXACT_GAIN when ``better`` reproduces it
+    exactly): a rounding switch acts on the elements it touches far above the noise of a
+    different order of fp32 operations, which reshuffles a few 1-ulp flips (ratios ~1e-11 to
+    1e-3, a single flip of 1e4 elements ~1e-7) or leaves the twin further from the kernel than
+    the oracle is (ratio capped at 1)."""
+    return any(w >= DECISIVE * b and w - b >= (EXACT_GAIN if b == 0 else ABS_GAIN) for b, w in zip(better, worse))
 
 
 def fit(fitter: Fitter, side: str, pols: list[tuple[str, str]], start: str,

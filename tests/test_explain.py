@@ -97,6 +97,17 @@ def test_twin_fla_vs_twin_flashinfer_names_their_switches():
     assert ex.where.bins_ab and ex.where.heads
 
 
+def test_kernels_no_twin_matches_exactly_still_get_their_switches():
+    """Kernels whose arithmetic no twin reproduces (float64 instead of fp32: another rounding of
+    every sum, as a real kernel's order of operations) are fitted only up to that noise; the
+    switches that separate the FLA and FlashInfer roundings must still be named, and nothing else."""
+    a, b = FLATwin(compute_dtype="float64"), FlashInferTwin(compute_dtype="float64")
+    ex = explain(_side(a), _side(b), default_cases(16, 16))
+    assert ex.fit_a.score > 0 and ex.fit_b.score > 0  # not exact fits
+    assert ex.verdict == "explained", ex.summary
+    assert {s["knob"] for s in ex.switches} == {"inv_dtype", "per_step_state_round", "bf16_output"}
+
+
 runner = CliRunner()
 
 

@@ -357,9 +357,9 @@ def _key(cfg: dict) -> tuple:
 class Fitter:
     """Runs twin configurations on the cases (cached) and scores them against a kernel."""
 
-    def __init__(self, ctxs: list[Ctx], side_policy: dict[str, tuple[str, str]]):
+    def __init__(self, ctxs: list[Ctx], device: str = "cpu"):
         self.ctxs = ctxs
-        self.side_policy = side_policy  # case id -> (policy, zero-length policy) of the kernel fitted
+        self.device = device  # where the twins run (the kernels' device: a GPU fits in seconds)
         self.cache: dict[tuple, dict[str, torch.Tensor]] = {}
         self.ratios: dict[tuple, list[float]] = {}
         self.runs = 0
@@ -370,7 +370,7 @@ class Fitter:
             ctx = self.ctxs[i]
             tw = FLATwin(padding={ctx.case.op: policy[0]}, **cfg)
             tw.zero_length_policy = policy[1]
-            out = tw.run(ctx.inputs.clone("cpu"))
+            out = tw.run(ctx.inputs.clone(self.device))
             self.cache[key] = _select(out.o, out.state, out.intermediate, ctx)
             self.runs += 1
         return self.cache[key]
@@ -698,7 +698,7 @@ def explain(a: Side, b: Side, cases: list[Case], *, device: str = "cpu", progres
     differs = any(not bool(bits_equal(ctx.a[c], ctx.b[c].to(ctx.a[c].dtype)).all())
                   for ctx in ctxs for c in CHANNELS if c in ctx.a and c in ctx.b)
 
-    fitter = Fitter(ctxs, {})
+    fitter = Fitter(ctxs, device)
     ca, sa, na, wa = fit(fitter, "a", pols_a, a.family_twin)
     cb, sb, nb, wb = fit(fitter, "b", pols_b, b.family_twin)
     ca, cb, dropped = _simplify(fitter, ca, cb, pols_a, pols_b)

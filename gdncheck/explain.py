@@ -263,9 +263,9 @@ def open_side(spec: str) -> Side:
 def default_cases(K: int = 32, V: int = 32, seeds: int = 1) -> list[Case]:
     """Small cases on which every knob of :data:`KNOB_GRID` is observable by some case.
 
-    prefill crossing a chunk (inverse and store dtypes; bf16 and fp16 inputs), prefill with raw
-    gates, decode bf16/fp16 with raw gates (l2norm placement, fast math, output in bf16), verify
-    with an fp32 pool and intermediate states, verify with a bf16 pool (per-step state
+    prefill crossing a chunk (inverse and store dtypes; bf16 and fp16 inputs), four chunks (growth
+    with position), prefill with raw gates, decode bf16/fp16 with raw gates (l2norm placement, fast math, output in bf16), verify
+    with an fp32 pool with and without intermediate states (kernels without them), verify with a bf16 pool (per-step state
     rounding), fp32 inputs (fast math and gate arithmetic stand above the floor). GVA (HV = 2H)
     everywhere. ``seeds`` replicates each case with other seeds.
     """
@@ -275,6 +275,7 @@ def default_cases(K: int = 32, V: int = 32, seeds: int = 1) -> list[Case]:
         Case(name="explain/prefill/fp16", op="prefill", seqlens=[66], dtype="float16", gate_dtype="float16",
              seed=2, **common),
         Case(name="explain/prefill/raw", op="prefill", seqlens=[12, 5], gate_source="raw", seed=3, **common),
+        Case(name="explain/prefill/4-chunks", op="prefill", seqlens=[256], seed=11, **common),
         Case(name="explain/decode/bf16", op="decode", seqlens=[1] * 4, gate_source="raw", seed=4, **common),
         Case(name="explain/decode/fp16", op="decode", seqlens=[1] * 4, dtype="float16", gate_dtype="float16",
              gate_source="raw", seed=5, **common),
@@ -282,6 +283,8 @@ def default_cases(K: int = 32, V: int = 32, seeds: int = 1) -> list[Case]:
              gate_source="raw", seed=6, **common),
         Case(name="explain/verify/fp32-pool", op="verify", seqlens=[4] * 2, gate_source="raw", intermediate=True,
              pool_size=4, read_indices=[1, 2], seed=7, **common),
+        Case(name="explain/verify/fp32-pool-no-inter", op="verify", seqlens=[3] * 2, gate_source="raw",
+             pool_size=4, read_indices=[2, 0], seed=12, **common),
         Case(name="explain/verify/bf16-pool", op="verify", seqlens=[4] * 2, state_dtype="bfloat16",
              gate_source="raw", intermediate=True, pool_size=4, read_indices=[1, 2], seed=8, **common),
         Case(name="explain/verify/fp16", op="verify", seqlens=[3] * 2, dtype="float16", gate_dtype="float16",

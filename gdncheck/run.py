@@ -8,7 +8,6 @@ access or a device-side assert is recorded for that case and a fresh worker take
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -102,12 +101,6 @@ def schedule_key(backend: Backend, case: Case) -> tuple:
     key where the backend's kernels share compiled or autotuned state across compile keys."""
     fn = getattr(backend, "schedule_key", None)
     return tuple(fn(case)) if fn is not None else compile_key(backend, case)
-
-
-def shard_of(case: Case, backend_name: str, n: int) -> int:
-    """Deterministic shard of a (case, backend) pair."""
-    h = hashlib.sha256(f"{case.id}:{backend_name}".encode()).hexdigest()
-    return int(h[:8], 16) % n
 
 
 # The oracle holds float64 copies of the pool (input and expected) beside the kernel's: a case
@@ -433,21 +426,16 @@ class Admission:
 def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
     """Pairs in work units for parallel lanes, in start order.
 
-    A unit is one backend's cases of one :func:`schedule_key`, compiled once in one process.
-    Longest units start first: by the backend's compile hint, then memory (big cases take
-    longer), then size.
+    A unit is a compile unit (:func:`gdncheck.shard.unit_key`: one backend's cases of one
+    :func:`schedule_key`, or several backends' that share kernels), compiled once in one
+    process. Longest units start first, by the fitted cost model (``gdncheck/costs.toml``).
     """
-    units: dict[tuple, list] = {}
-    for b, c in pairs:
-        units.setdefault((b.name, repr(schedule_key(b, c))), []).append((b, c))
+    from gdncheck.shard import plan_units
 
-    def cost(u) -> float:
-        return u[0][0].compile_hint_s + max(case_bytes(c) for _, c in u) / (1 << 30) + 0.05 * len(u)
-
+    units = plan_units(pairs)  # compile units (shared kernels together), costs from the model
     # Units whose builds serialise on a lock form a chain that one lane works through from the
     # start (:func:`_run_lanes` gives a lock to one lane at a time), so they lead the order.
-    return sorted(units.values(), key=lambda u: (unit_lock(u) is None, -cost(u), u[0][0].name,
-                                                 repr(schedule_key(u[0][0], u[0][1]))))
+    return [u.pairs for u in sorted(units, key=lambda u: (unit_lock(u.pairs) is None, -u.cost, u.key))]
 
 
 def unit_lock(unit: list[tuple[Backend, Case]]) -> str | None:
@@ -500,9 +488,11 @@ def plan(suites: list[str], backends: list[Backend], shard: tuple[int, int] | No
                 cases.append(c)
     pairs = []
     for b in backends:
-        mine = [c for c in cases if shard is None or shard_of(c, b.name, shard[1]) == shard[0]]
-        mine.sort(key=lambda c: repr(compile_key(b, c)))
+        mine = sorted(cases, key=lambda c: repr(compile_key(b, c)))
         pairs += [(b, c) for c in mine]
+    if shard is not None:  # whole compile units per shard, balanced by the cost model
+        from gdncheck.shard import select
+        pairs = select(pairs, shard)
     return pairs
 
 

@@ -1,0 +1,356 @@
+"""Scale-out by compiled kernel: compile units, a fitted cost model, and shards of whole units.
+
+A *compile unit* is every (backend, case) pair that reuses one compiled (and autotuned) kernel:
+one backend's cases of one :func:`gdncheck.run.schedule_key`, or, where several backends call
+the same kernels (a backend's ``kernel_group``, e.g. FlashInfer prefill's automatic route and
+its two forced routes), those backends' cases of one key together. A shard runs whole units, so
+each kernel compiles on one shard only; hashing single pairs made every shard compile nearly
+every kernel (two H200s were slower than one).
+
+Units are balanced over shards by a cost model fitted to measured runs (``costs.toml`` beside
+this module; ``python -m gdncheck.shard fit RESULTS.jsonl...`` refreshes it): per backend, the
+first compile of a unit, each further compile key in it, and seconds per case (a constant plus
+a term per GiB the case holds). Assignment is longest-processing-time first with ties broken by
+the units' keys: the same suites, backends and costs give the same shards in every process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from statistics import median
+from typing import Iterable, Sequence
+
+COSTS_PATH = Path(__file__).with_name("costs.toml")
+
+Pair = tuple  # (Backend, Case)
+
+
+# ---------------------------------------------------------------- compile units
+
+def unit_key(backend, case) -> str:
+    """Key of the compile unit of ``(backend, case)``: equal keys share compiled kernels.
+
+    ``backend.kernel_group`` (optional) names kernels that several backends share; otherwise the
+    backend's name. The rest is the backend's schedule key (``run.schedule_key``).
+    """
+    from gdncheck.run import schedule_key
+
+    group = getattr(backend, "kernel_group", None) or backend.name
+    return repr((group, *schedule_key(backend, case)))
+
+
+def _compile_key(backend, case) -> str:
+    from gdncheck.run import compile_key
+
+    return repr((backend.name, *compile_key(backend, case)))
+
+
+def declared_unsupported(backend, case) -> bool:
+    """True when the backend's declared limits rule the pair out (it then costs no device time)."""
+    try:
+        return backend.supports(case) is not None
+    except Exception:  # noqa: BLE001 - a plugin's supports() that raises: its worker reports it
+        return False
+
+
+@dataclass
+class Unit:
+    """Pairs that share compiled kernels, in plan order, with the key that names them."""
+
+    key: str
+    pairs: list = field(default_factory=list)
+    cost: float = 0.0
+
+
+def units_of(pairs: Sequence[Pair]) -> list[Unit]:
+    """``pairs`` grouped by :func:`unit_key`, in order of first appearance."""
+    units: dict[str, Unit] = {}
+    for b, c in pairs:
+        k = unit_key(b, c)
+        units.setdefault(k, Unit(k)).pairs.append((b, c))
+    return list(units.values())
+
+
+# ---------------------------------------------------------------- cost model
+
+@dataclass(frozen=True)
+class Cost:
+    """Seconds one backend spends: the first compile of a unit, each further compile key in the
+    same unit, and per case ``case_s + gib_s * GiB`` (materialize, warm-up, kernel, oracle, twin)."""
+
+    unit_compile_s: float
+    key_compile_s: float
+    case_s: float
+    gib_s: float = 0.0
+
+
+# Without a fitted entry: the backend's own compile hint, and 0.3 s per case.
+_FALLBACK_CASE_S = 0.3
+
+
+class Costs:
+    """Cost entries by backend name, then family, then a default built from the compile hint."""
+
+    def __init__(self, backends: dict[str, Cost] | None = None, families: dict[str, Cost] | None = None):
+        self.backends = dict(backends or {})
+        self.families = dict(families or {})
+
+    def for_backend(self, b) -> Cost:
+        if b.name in self.backends:
+            return self.backends[b.name]
+        if getattr(b, "family", None) in self.families:
+            return self.families[b.family]
+        hint = float(getattr(b, "compile_hint_s", 0.0) or 0.0)
+        return Cost(hint, hint / 2, _FALLBACK_CASE_S)
+
+    def unit_cost(self, pairs: Sequence[Pair]) -> float:
+        """Predicted seconds of one unit in one worker; declared-unsupported pairs cost nothing."""
+        from gdncheck.run import case_bytes
+
+        keys: dict[str, set] = {}
+        total = 0.0
+        for b, c in pairs:
+            if declared_unsupported(b, c):
+                continue
+            m = self.for_backend(b)
+            total += m.case_s + m.gib_s * case_bytes(c) / 2**30
+            keys.setdefault(b.name, set()).add(_compile_key(b, c))
+        for name, ks in keys.items():
+            m = self.for_backend(next(b for b, _ in pairs if b.name == name))
+            total += m.unit_compile_s + m.key_compile_s * (len(ks) - 1)
+        return total
+
+
+def load_costs(path: str | Path | None = None) -> Costs:
+    """The cost model in ``path`` (default: the shipped ``costs.toml``); a missing file gives the
+    fallbacks only (compile hints), so a plugin-only install still shards deterministically."""
+    p = Path(path) if path is not None else COSTS_PATH
+    if not p.exists():
+        return Costs()
+    data = tomllib.loads(p.read_text())
+
+    def table(d: dict) -> dict[str, Cost]:
+        return {k: Cost(float(v["unit_compile_s"]), float(v["key_compile_s"]), float(v["case_s"]),
+                        float(v.get("gib_s", 0.0))) for k, v in d.items()}
+
+    return Costs(table(data.get("backend", {})), table(data.get("family", {})))
+
+
+# ---------------------------------------------------------------- assignment
+
+def assign(units: Sequence[Unit], n: int) -> list[list[Unit]]:
+    """Units over ``n`` shards, longest-processing-time first: each unit, biggest first (ties by
+    key), goes to the least-loaded shard (ties to the lowest index). Deterministic."""
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    shards: list[list[Unit]] = [[] for _ in range(n)]
+    load = [0.0] * n
+    for u in sorted(units, key=lambda u: (-u.cost, u.key)):
+        i = min(range(n), key=lambda j: (load[j], j))
+        shards[i].append(u)
+        load[i] += u.cost
+    return shards
+
+
+def run_order(units: Sequence[Unit]) -> list[Unit]:
+    """The order a shard (or a run's lanes) should start its units: biggest first, ties by key,
+    so the longest compiles start at once and no worker is left alone with one at the end."""
+    return sorted(units, key=lambda u: (-u.cost, u.key))
+
+
+def plan_units(pairs: Sequence[Pair], costs: Costs | None = None) -> list[Unit]:
+    """Units of ``pairs`` with their predicted costs."""
+    costs = costs or load_costs()
+    units = units_of(pairs)
+    for u in units:
+        u.cost = costs.unit_cost(u.pairs)
+    return units
+
+
+def select(pairs: Sequence[Pair], shard: tuple[int, int], costs: Costs | None = None) -> list[Pair]:
+    """The pairs of shard ``i`` of ``n`` (``shard = (i, n)``): whole compile units, balanced by the
+    cost model; the pairs keep their order in ``pairs``."""
+    i, n = shard
+    mine = {u.key for u in assign(plan_units(pairs, costs), n)[i]}
+    return [(b, c) for b, c in pairs if unit_key(b, c) in mine]
+
+
+def hash_shard(case_id: str, backend_name: str, n: int) -> int:
+    """Shard of a pair under the former hash split (kept to predict what it would recompile)."""
+    h = hashlib.sha256(f"{case_id}:{backend_name}".encode()).hexdigest()
+    return int(h[:8], 16) % n
+
+
+# ---------------------------------------------------------------- shared kernel caches
+
+def shared_cache_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for the shard processes of one host: every on-disk kernel cache named
+    explicitly, the same for all, so a kernel one shard compiled is loaded by the others.
+
+    - ``TRITON_CACHE_DIR``: Triton's binaries, and with ``TRITON_CACHE_AUTOTUNING=1`` (FLA's
+      ``FLA_CACHE_RESULTS``) the autotuning choices of FLA's chunk kernels.
+    - ``FLASHINFER_WORKSPACE_BASE``: FlashInfer's JIT cache (``<base>/.cache/flashinfer``),
+      where its CuTe DSL decode/MTP kernels are exported and reloaded.
+    - ``CUTE_DSL_CACHE_DIR``: the CuTe DSL's own file cache of ``@cute.jit`` calls.
+
+    Values already set are kept (a CI job that points them at a persisted directory).
+    """
+    env = dict(os.environ if environ is None else environ)
+    home = Path(env.get("HOME") or Path.home())
+    tmp = Path(env.get("TMPDIR") or "/tmp")
+    user = env.get("USER") or env.get("LOGNAME") or str(os.getuid() if hasattr(os, "getuid") else "user")
+    env.setdefault("TRITON_CACHE_DIR", str(home / ".triton" / "cache"))
+    env.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+    env.setdefault("FLA_CACHE_RESULTS", "1")
+    env.setdefault("FLASHINFER_WORKSPACE_BASE", str(home))
+    env.setdefault("CUTE_DSL_CACHE_DIR", str(tmp / user / "cutlass_python_cache"))
+    return env
+
+
+# ---------------------------------------------------------------- fitting the cost model
+
+def _result_rows(paths: Iterable[str | Path]):
+    """(backend, case, timing dict, unit key, compile key, worker) of every result that ran."""
+    from gdncheck.backends import load_backend
+    from gdncheck.cases import Case
+
+    loaded: dict[str, object] = {}
+    for p in paths:
+        for line in Path(p).read_text().splitlines()[1:]:
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if d.get("status") in (None, "unsupported") or "case" not in d:
+                continue
+            name = d["backend"]
+            if name not in loaded:
+                try:
+                    loaded[name] = load_backend(name)
+                except Exception:  # noqa: BLE001 - a backend not installed here: its rows are skipped
+                    loaded[name] = None
+            b = loaded[name]
+            if b is None:
+                continue
+            c = Case.model_validate(d["case"])
+            yield b, c, d.get("timing") or {}, unit_key(b, c), _compile_key(b, c), d.get("worker", "")
+
+
+def fit(paths: Sequence[str | Path]) -> dict[str, dict[str, float]]:
+    """Cost entries per backend from results files (``timing.compile_s`` / ``wall_s``).
+
+    A unit's first compile is the first ``compile_s`` recorded for that unit in a file (by start
+    time); later keys of the same unit compile against autotuning or builds already done. Per
+    case: ``wall_s - compile_s``, fitted as ``case_s + gib_s * GiB`` by least squares (both >= 0).
+    The first compile of a unit is a median, so one contended outlier does not set the model.
+    """
+    from gdncheck.run import case_bytes
+
+    firsts: dict[str, list[float]] = {}
+    further: dict[str, list[float]] = {}
+    xs: dict[str, list[tuple[float, float]]] = {}
+    for p in paths:
+        seen_units: set[str] = set()
+        rows = sorted(_result_rows([p]), key=lambda r: (r[2].get("start_s") or 0.0))
+        for b, c, t, uk, ck, _ in rows:
+            comp = t.get("compile_s")
+            if comp is not None:
+                (further if (b.name, uk) in seen_units else firsts).setdefault(b.name, []).append(comp)
+                seen_units.add((b.name, uk))
+            if t.get("wall_s") is not None:
+                xs.setdefault(b.name, []).append((case_bytes(c) / 2**30, t["wall_s"] - (comp or 0.0)))
+    out: dict[str, dict[str, float]] = {}
+    for name in sorted(set(firsts) | set(xs)):
+        f = firsts.get(name, [])
+        k = further.get(name, [])
+        a, g = _line(xs.get(name, []))
+        out[name] = {"unit_compile_s": round(median(f), 2) if f else 0.0,
+                     # a mean: further keys are bimodal (fla-chunk: ~40 s for the other op's
+                     # kernels, ~1 s for flag variants), a median would pick one mode
+                     "key_compile_s": round(sum(k) / len(k), 2) if k else (round(median(f) / 2, 2) if f else 0.0),
+                     "case_s": round(a, 3), "gib_s": round(g, 4),
+                     "n_units": len(f), "n_cases": len(xs.get(name, []))}
+    return out
+
+
+def _line(pts: list[tuple[float, float]]) -> tuple[float, float]:
+    """Least-squares ``y = a + g x`` with ``a, g >= 0`` (a mean when x does not vary)."""
+    if not pts:
+        return _FALLBACK_CASE_S, 0.0
+    n = len(pts)
+    mx = sum(x for x, _ in pts) / n
+    my = sum(y for _, y in pts) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pts)
+    g = sum((x - mx) * (y - my) for x, y in pts) / sxx if sxx > 1e-12 else 0.0
+    g = max(g, 0.0)
+    a = max(my - g * mx, 0.0)
+    return a, g
+
+
+def write_costs(entries: dict[str, dict[str, float]], sources: Sequence[str], path: str | Path = COSTS_PATH) -> None:
+    """Write ``entries`` (from :func:`fit`) as the cost model TOML, with per-family medians."""
+    from gdncheck.backends import load_backend
+
+    fam: dict[str, list[dict]] = {}
+    for name, e in entries.items():
+        try:
+            fam.setdefault(load_backend(name).family, []).append(e)
+        except Exception:  # noqa: BLE001 - unknown here: no family entry
+            pass
+    lines = ["# Cost model for compile-unit sharding (gdncheck/shard.py): seconds per backend, fitted",
+             "# from measured results files. Refresh: python -m gdncheck.shard fit RESULTS.jsonl... ",
+             "# unit_compile_s: first compile of a unit; key_compile_s: each further compile key in it;",
+             "# per case: case_s + gib_s * GiB (case_bytes). Families: medians of their backends.",
+             "# Sources: " + ", ".join(sources), ""]
+    for title, table in (("backend", entries),
+                         ("family", {f: {k: round(median(e[k] for e in es), 3)
+                                         for k in ("unit_compile_s", "key_compile_s", "case_s", "gib_s")}
+                                     for f, es in sorted(fam.items())})):
+        for name, e in table.items():
+            lines.append(f'[{title}."{name}"]')
+            lines += [f"{k} = {v}" for k, v in e.items()]
+            lines.append("")
+    Path(path).write_text("\n".join(lines))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gdncheck.shard fit RESULTS... [--out PATH]`` or ``show SUITE... -b B... -n N``."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m gdncheck.shard")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    f = sub.add_parser("fit", help="refit the cost model from results files")
+    f.add_argument("results", nargs="+")
+    f.add_argument("--out", default=str(COSTS_PATH))
+    s = sub.add_parser("show", help="predicted shard costs of suites x backends")
+    s.add_argument("suites", nargs="+")
+    s.add_argument("-b", "--backend", action="append", required=True)
+    s.add_argument("-n", type=int, action="append", default=None)
+    a = ap.parse_args(argv)
+    if a.cmd == "fit":
+        entries = fit(a.results)
+        write_costs(entries, [Path(p).as_posix() for p in a.results], a.out)
+        for name, e in entries.items():
+            print(f"{name:26s} " + " ".join(f"{k}={v}" for k, v in e.items()))
+        return 0
+    from gdncheck.backends import load_backend
+    from gdncheck.run import plan
+
+    pairs = plan(a.suites, [load_backend(x) for x in a.backend])
+    units = plan_units(pairs)
+    total = sum(u.cost for u in units)
+    print(f"{len(pairs)} pairs, {len(units)} units, predicted {total:.0f} s of worker time")
+    for n in a.n or [2, 4, 8]:
+        loads = [sum(u.cost for u in s) for s in assign(units, n)]
+        print(f"n={n}: shard costs {', '.join(f'{x:.0f}' for x in loads)} s; "
+              f"max/mean {max(loads) / (sum(loads) / n):.3f}; biggest unit {max(u.cost for u in units):.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Compile-unit sharding: units, the cost model, balanced deterministic shards, merge = unsharded."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from gdncheck import shard as S
+from gdncheck.backends import default_backends, load_backend
+from gdncheck.gate import TIERS
+from gdncheck.report.io import load_results, merge_results
+from gdncheck.run import compile_key, plan, run
+
+GPU_BACKENDS = [load_backend(s) for s in default_backends(gpu=True)]  # the classes load without CUDA
+
+
+def _shards(suites, n, backends=GPU_BACKENDS):
+    return [plan(suites, backends, (i, n)) for i in range(n)]
+
+
+@pytest.mark.parametrize("suite", ["smoke", "models", "edges"])
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_each_compile_unit_on_one_shard_and_nothing_lost(suite, n):
+    whole = plan([suite], GPU_BACKENDS)
+    shards = _shards([suite], n)
+    got = [(b.name, c.id) for s in shards for b, c in s]
+    assert sorted(got) == sorted((b.name, c.id) for b, c in whole)  # each pair once
+    assert len(set(got)) == len(got)
+    where_unit: dict[str, set[int]] = {}
+    where_key: dict[tuple, set[int]] = {}
+    for i, s in enumerate(shards):
+        for b, c in s:
+            where_unit.setdefault(S.unit_key(b, c), set()).add(i)
+            where_key.setdefault((b.name, compile_key(b, c)), set()).add(i)
+    assert all(len(v) == 1 for v in where_unit.values())
+    assert all(len(v) == 1 for v in where_key.values())  # each compiled kernel on one shard
+    assert sum(1 for s in shards if s) >= min(n, 2)  # a real split
+
+
+def test_backends_sharing_kernels_share_a_shard():
+    """FlashInfer prefill's automatic route runs the forced routes' kernels; decode's fp32 verify
+    runs the MTP kernel: those pairs of one case land on one shard; mtp-ssm's kernels are its own."""
+    groups = ("flashinfer.prefill", "flashinfer.decode")
+    where: dict[tuple, set[int]] = {}
+    for i, s in enumerate(_shards(["smoke", "edges"], 4)):
+        for b, c in s:
+            g = getattr(b, "kernel_group", None)
+            if g in groups and b.supports(c) is None:
+                where.setdefault((g, c.id), set()).add(i)
+    assert len(where) > 20 and all(len(v) == 1 for v in where.values())
+    verify = [c for _, c in plan(["smoke"], [load_backend("flashinfer-mtp")]) if c.op == "verify"]
+    dec, mtp, ssm = (load_backend(n) for n in ("flashinfer-decode", "flashinfer-mtp", "flashinfer-mtp-ssm"))
+    assert all(S.unit_key(dec, c) == S.unit_key(mtp, c) != S.unit_key(ssm, c) for c in verify)
+    pre = [load_backend(n) for n in ("flashinfer-prefill", "flashinfer-prefill-cp", "flashinfer-prefill-chunk")]
+    c = next(c for _, c in plan(["smoke"], pre[:1]) if pre[0].supports(c) is None)
+    assert len({S.unit_key(b, c) for b in pre}) == 1
+    assert S.unit_key(load_backend("fla-chunk"), c) != S.unit_key(load_backend("fla-recurrent"), c)
+
+
+def test_assignment_is_deterministic_and_independent_of_input_order():
+    pairs = plan(TIERS["full"], GPU_BACKENDS)
+    units = S.plan_units(pairs)
+    want = [[u.key for u in s] for s in S.assign(units, 4)]
+    for seed in (1, 2, 3):
+        shuffled = list(units)
+        random.Random(seed).shuffle(shuffled)
+        assert [[u.key for u in s] for s in S.assign(shuffled, 4)] == want
+    # the pairs a shard selects do not depend on the order of the plan either
+    rev = list(reversed(pairs))
+    for i in range(3):
+        a = {(b.name, c.id) for b, c in S.select(pairs, (i, 3))}
+        assert a == {(b.name, c.id) for b, c in S.select(rev, (i, 3))}
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_full_tier_balanced_by_the_cost_model(n):
+    units = S.plan_units(plan(TIERS["full"], GPU_BACKENDS))
+    loads = [sum(u.cost for u in s) for s in S.assign(units, n)]
+    mean = sum(loads) / n
+    assert max(loads) <= mean + max(u.cost for u in units)  # the LPT guarantee
+    assert max(loads) / mean < 1.05
+    # shards by hash would put most units on every shard; by unit, each unit on one
+    assert sum(len(s) for s in S.assign(units, n)) == len(units)
+
+
+def test_lpt_on_known_units():
+    units = [S.Unit(k, cost=c) for k, c in (("a", 7.0), ("b", 5.0), ("c", 4.0), ("d", 3.0), ("e", 3.0))]
+    shards = S.assign(units, 2)
+    assert [[u.key for u in s] for s in shards] == [["a", "d"], ["b", "c", "e"]]
+    assert [u.key for u in S.run_order(units[::-1])] == ["a", "b", "c", "d", "e"]
+    with pytest.raises(ValueError):
+        S.assign(units, 0)
+
+
+def test_cost_model_prices_compiles_once_per_key_and_skips_unsupported():
+    chunk = load_backend("fla-chunk")
+    fi = load_backend("flashinfer-decode")
+    costs = S.Costs({"fla-chunk": S.Cost(80.0, 20.0, 1.0, 0.0)})
+    cases = [c for _, c in plan(["smoke"], [chunk]) if chunk.supports(c) is None]
+    keys = {repr(compile_key(chunk, c)) for c in cases[:6]}
+    assert costs.unit_cost([(chunk, c) for c in cases[:6]]) == pytest.approx(80 + 20 * (len(keys) - 1) + 6)
+    small = [c for _, c in plan(["smoke"], [fi]) if c.K == 32]
+    assert small and costs.unit_cost([(fi, c) for c in small]) == 0.0  # declared unsupported: no worker time
+    # without an entry: the backend's compile hint
+    assert S.Costs().for_backend(chunk).unit_compile_s == chunk.compile_hint_s
+
+
+def test_fit_recovers_a_synthetic_model(tmp_path):
+    """Results written from a known model (first compile 60 s, further keys 10 s, 0.5 s per case
+    plus 2 s per GiB) refit to it, and the TOML written loads back."""
+    from gdncheck.run import case_bytes
+
+    chunk = load_backend("fla-chunk")
+    cases = [c for _, c in plan(["smoke", "edges"], [chunk]) if chunk.supports(c) is None]
+    lines = [json.dumps({"kind": "header"})]
+    seen_units, seen_keys = set(), set()
+    for i, c in enumerate(cases):
+        uk, ck = S.unit_key(chunk, c), repr(compile_key(chunk, c))
+        comp = None
+        if ck not in seen_keys:
+            comp = 10.0 if uk in seen_units else 60.0
+            seen_units.add(uk)
+            seen_keys.add(ck)
+        wall = (comp or 0) + 0.5 + 2.0 * case_bytes(c) / 2**30
+        lines.append(json.dumps({"case_id": c.id, "case": c.model_dump(), "backend": "fla-chunk", "status": "ok",
+                                 "timing": {"compile_s": comp, "wall_s": wall, "start_s": float(i)}}))
+    p = tmp_path / "r.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    e = S.fit([p])["fla-chunk"]
+    assert e["unit_compile_s"] == 60.0 and e["key_compile_s"] == 10.0
+    assert e["case_s"] == pytest.approx(0.5, abs=1e-3) and e["gib_s"] == pytest.approx(2.0, abs=1e-3)
+    S.write_costs(S.fit([p]), ["r.jsonl"], tmp_path / "costs.toml")
+    m = S.load_costs(tmp_path / "costs.toml")
+    assert m.for_backend(chunk) == S.Cost(60.0, 10.0, 0.5, 2.0)
+    assert m.families["fla"].unit_compile_s == 60.0
+
+
+def test_shipped_costs_cover_every_gpu_backend_that_runs():
+    m = S.load_costs()
+    for b in GPU_BACKENDS:
+        if b.name != "sglang":  # not installed where the model was measured
+            assert b.name in m.backends, b.name
+    assert m.backends["fla-chunk"].unit_compile_s > 10 * m.backends["fla-recurrent"].unit_compile_s
+
+
+def test_shared_cache_env_names_every_cache_and_keeps_what_is_set():
+    env = S.shared_cache_env({"HOME": "/h", "TMPDIR": "/t", "USER": "u", "TRITON_CACHE_DIR": "/ci/triton"})
+    assert env["TRITON_CACHE_DIR"] == "/ci/triton"
+    assert env["FLASHINFER_WORKSPACE_BASE"] == "/h"
+    assert env["CUTE_DSL_CACHE_DIR"] == "/t/u/cutlass_python_cache"
+    assert env["TRITON_CACHE_AUTOTUNING"] == "1" and env["FLA_CACHE_RESULTS"] == "1"
+    assert S.shared_cache_env({"HOME": "/h", "TMPDIR": "/t", "USER": "u"})["TRITON_CACHE_DIR"] == "/h/.triton/cache"
+
+
+def test_smoke_as_two_shards_merges_to_the_unsharded_run(tmp_path):
+    """The twins on the CPU: smoke unsharded and as shards 0/2, 1/2, merged; every result's
+    metrics and contracts bit for bit equal to the unsharded run's."""
+    specs = ["twin-fla", "twin-flashinfer"]
+    kw = dict(device="cpu", isolate=False, progress=False, twin_spec=None)
+    whole = run(["smoke"], specs, tmp_path / "all.jsonl", **kw)
+    parts = [run(["smoke"], specs, tmp_path / f"s{i}.jsonl", shard=(i, 2), **kw) for i in range(2)]
+    sizes = [len(load_results(p)[1]) for p in parts]
+    assert min(sizes) > 0
+    _, merged = merge_results(parts)
+    _, ref = load_results(whole)
+    assert len(merged) == len(ref) == sum(sizes)
+
+    def key(rs):  # JSON floats round-trip exactly: equal text is equal bits
+        return {(r.case_id, r.backend): r.model_dump_json(include={"status", "metrics", "contracts", "path"})
+                for r in rs}
+
+    a, b = key(merged), key(ref)
+    assert a == b
+    assert sum(1 for r in ref if r.status == "ok" and r.metrics) > 50  # real metrics compared, not empty ones

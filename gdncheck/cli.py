@@ -62,7 +62,7 @@ def run_cmd(
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when present")] = None,
     isolate: Annotated[Optional[bool], typer.Option("--isolate/--no-isolate", help="one worker process per backend (default on CUDA)")] = None,
     resume: Annotated[bool, typer.Option("--resume/--fresh", help="skip pairs already in results.jsonl")] = True,
-    shard: Annotated[Optional[str], typer.Option(help="run shard i/n of the pairs")] = None,
+    shard: Annotated[Optional[str], typer.Option(help="run shard i/n of the pairs: whole compile units, balanced by the cost model")] = None,
     render: Annotated[bool, typer.Option("--render/--no-render", help="render the report when done")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="worker processes side by side on the device (kernels compile in parallel)")] = 1,

@@ -490,14 +490,20 @@ def gpu_for_worker(worker_id: str | None, gpus: list[str]) -> str | None:
 
 def _fan_out(argv: list[str], n: int, gpus: list[str], out: Path) -> list[Path]:
     """Run ``gdncheck gate --shard i/n`` once per GPU (``CUDA_VISIBLE_DEVICES`` = that GPU), in
-    parallel; returns the shard results files. Raises on a child's config/env exit."""
+    parallel; returns the shard results files. Raises on a child's config/env exit.
+
+    Shards are whole compile units (:mod:`gdncheck.shard`) and share the host's on-disk kernel
+    caches (:func:`gdncheck.shard.shared_cache_env`): no kernel is compiled on two GPUs."""
+    from gdncheck.shard import shared_cache_env
+
+    base_env = shared_cache_env()
     procs = []
     for i in range(n):
         sub = out / f"shard-{i}"
         sub.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "gdncheck", "gate", *argv, "--shard", f"{i}/{n}", "--gpus", "1",
                "--out", str(sub), "--no-judge", "--no-progress"]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+        env = {**base_env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
         log = (sub / "gate.log").open("w")
         procs.append((i, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log, sub))
     codes = {}
@@ -619,7 +625,7 @@ def register(app) -> None:
         budgets: Annotated[Optional[list[Path]], typer.Option("--budgets", help="TOML merged over the shipped budgets (repeatable)")] = None,
         baseline: Annotated[Optional[Path], typer.Option(help="results.jsonl of an earlier run to compare with")] = None,
         regress_factor: Annotated[float, typer.Option(help="fail when a budgeted metric grows by more than this")] = 1.5,
-        shard: Annotated[Optional[str], typer.Option(help="run shard i/n of the tier")] = None,
+        shard: Annotated[Optional[str], typer.Option(help="run shard i/n of the tier: whole compile units, balanced by the cost model")] = None,
         gpus: Annotated[str, typer.Option(help="'auto' or N: one process per GPU, each a shard, then merge")] = "auto",
         jobs: Annotated[int, typer.Option("--jobs", "-j", help="worker processes per GPU (kernels compile in parallel)")] = 1,
         out: Annotated[Path, typer.Option(help="directory: results.jsonl, gate.json, gate.md")] = Path("runs/gate"),

@@ -172,3 +172,27 @@ def test_smoke_as_two_shards_merges_to_the_unsharded_run(tmp_path):
     a, b = key(merged), key(ref)
     assert a == b
     assert sum(1 for r in ref if r.status == "ok" and r.metrics) > 50  # real metrics compared, not empty ones
+
+
+def test_fan_out_gives_every_shard_the_same_named_caches(tmp_path, monkeypatch):
+    """--gpus N: each shard process gets its own GPU and the same explicit kernel cache paths."""
+    import gdncheck.gate as G
+
+    seen = []
+
+    class Proc:
+        def __init__(self, cmd, env, **kw):
+            seen.append((cmd, env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr(G.subprocess, "Popen", Proc)
+    monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
+    monkeypatch.setenv("FLASHINFER_WORKSPACE_BASE", str(tmp_path / "fi"))
+    G._fan_out(["--suite", "smoke"], 3, ["4", "5", "6"], tmp_path / "fan")
+    assert [e["CUDA_VISIBLE_DEVICES"] for _, e in seen] == ["4", "5", "6"]
+    assert [c[c.index("--shard") + 1] for c, _ in seen] == ["0/3", "1/3", "2/3"]
+    for var in ("TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE", "CUTE_DSL_CACHE_DIR", "TRITON_CACHE_AUTOTUNING"):
+        assert len({e[var] for _, e in seen}) == 1, var
+    assert seen[0][1]["FLASHINFER_WORKSPACE_BASE"] == str(tmp_path / "fi")

@@ -423,16 +423,18 @@ class Admission:
             self.cond.notify_all()
 
 
-def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
+def schedule(pairs: list[tuple[Backend, Case]], lanes: int = 1) -> list[list[tuple[Backend, Case]]]:
     """Pairs in work units for parallel lanes, in start order.
 
     A unit is a compile unit (:func:`gdncheck.shard.unit_key`: one backend's cases of one
     :func:`schedule_key`, or several backends' that share kernels), compiled once in one
-    process. Longest units start first, by the fitted cost model (``gdncheck/costs.toml``).
+    process. Longest units start first, by the fitted cost model (``gdncheck/costs.toml``). With
+    ``lanes`` workers, a unit that alone would outlast the others is split along its autotune
+    keys (:func:`gdncheck.shard.split_for_lanes`).
     """
-    from gdncheck.shard import plan_units
+    from gdncheck.shard import plan_units, split_for_lanes
 
-    units = plan_units(pairs)  # compile units (shared kernels together), costs from the model
+    units = split_for_lanes(plan_units(pairs), lanes)  # compile units, costs from the model
     # Units whose builds serialise on a lock form a chain that one lane works through from the
     # start (:func:`_run_lanes` gives a lock to one lane at a time), so they lead the order.
     return [u.pairs for u in sorted(units, key=lambda u: (unit_lock(u.pairs) is None, -u.cost, u.key))]
@@ -549,7 +551,7 @@ def run(suites: list[str], backend_specs: list[str], out: Path, *, device: str |
         # Cases that fit only alone would hold every lane idle while they wait for the GPU to drain
         # and while they run; at the end they take their turns with no other lane left to drain.
         alone = [(b, c) for b, c in todo if case_bytes(c) > budget]
-        units = schedule([(b, c) for b, c in todo if case_bytes(c) <= budget])
+        units = schedule([(b, c) for b, c in todo if case_bytes(c) <= budget], lanes=jobs)
         # Workers import torch and the package of the unit they take first while the header is
         # written (all packages in every worker would delay the first case by seconds).
         first = [[s for s in (specs[u[0][0].name], twin_for(u[0][0])) if s] for u in units[:jobs]] or [[]]

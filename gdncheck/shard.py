@@ -50,6 +50,19 @@ def _compile_key(backend, case) -> str:
     return repr((backend.name, *compile_key(backend, case)))
 
 
+def _tune_key(backend, case) -> str:
+    """Key of the expensive part of a compile (``backend.autotune_key``, optional; else the
+    compile key): compile keys that share it build in seconds once it is done in the process
+    (FLA: flag variants of one shape and op reuse its autotuning)."""
+    fn = getattr(backend, "autotune_key", None)
+    if fn is None:
+        return _compile_key(backend, case)
+    try:
+        return repr((backend.name, *fn(case)))
+    except Exception:  # noqa: BLE001 - a plugin's hint must not stop the run
+        return _compile_key(backend, case)
+
+
 def declared_unsupported(backend, case) -> bool:
     """True when the backend's declared limits rule the pair out (it then costs no device time)."""
     try:
@@ -80,13 +93,16 @@ def units_of(pairs: Sequence[Pair]) -> list[Unit]:
 
 @dataclass(frozen=True)
 class Cost:
-    """Seconds one backend spends: the first compile of a unit, each further compile key in the
-    same unit, and per case ``case_s + gib_s * GiB`` (materialize, warm-up, kernel, oracle, twin)."""
+    """Seconds one backend spends: the first compile of a unit, each further autotune key in the
+    unit (FLA: the other op's kernels), each further compile key of an autotune key already done
+    (flag variants), and per case ``case_s + gib_s * GiB`` (materialize, warm-up, kernel, oracle,
+    twin)."""
 
     unit_compile_s: float
     key_compile_s: float
     case_s: float
     gib_s: float = 0.0
+    variant_compile_s: float = 0.0
 
 
 # Without a fitted entry: the backend's own compile hint, and 0.3 s per case.
@@ -106,13 +122,14 @@ class Costs:
         if getattr(b, "family", None) in self.families:
             return self.families[b.family]
         hint = float(getattr(b, "compile_hint_s", 0.0) or 0.0)
-        return Cost(hint, hint / 2, _FALLBACK_CASE_S)
+        return Cost(hint, hint / 2, _FALLBACK_CASE_S, 0.0, hint / 2)
 
     def unit_cost(self, pairs: Sequence[Pair]) -> float:
         """Predicted seconds of one unit in one worker; declared-unsupported pairs cost nothing."""
         from gdncheck.run import case_bytes
 
         keys: dict[str, set] = {}
+        tunes: dict[str, set] = {}
         total = 0.0
         for b, c in pairs:
             if declared_unsupported(b, c):
@@ -120,9 +137,11 @@ class Costs:
             m = self.for_backend(b)
             total += m.case_s + m.gib_s * case_bytes(c) / 2**30
             keys.setdefault(b.name, set()).add(_compile_key(b, c))
+            tunes.setdefault(b.name, set()).add(_tune_key(b, c))
         for name, ks in keys.items():
             m = self.for_backend(next(b for b, _ in pairs if b.name == name))
-            total += m.unit_compile_s + m.key_compile_s * (len(ks) - 1)
+            nt = len(tunes[name])
+            total += m.unit_compile_s + m.key_compile_s * (nt - 1) + m.variant_compile_s * (len(ks) - nt)
         return total
 
 
@@ -136,7 +155,7 @@ def load_costs(path: str | Path | None = None) -> Costs:
 
     def table(d: dict) -> dict[str, Cost]:
         return {k: Cost(float(v["unit_compile_s"]), float(v["key_compile_s"]), float(v["case_s"]),
-                        float(v.get("gib_s", 0.0))) for k, v in d.items()}
+                        float(v.get("gib_s", 0.0)), float(v.get("variant_compile_s", 0.0))) for k, v in d.items()}
 
     return Costs(table(data.get("backend", {})), table(data.get("family", {})))
 
@@ -161,6 +180,48 @@ def run_order(units: Sequence[Unit]) -> list[Unit]:
     """The order a shard (or a run's lanes) should start its units: biggest first, ties by key,
     so the longest compiles start at once and no worker is left alone with one at the end."""
     return sorted(units, key=lambda u: (-u.cost, u.key))
+
+
+def split_for_lanes(units: Sequence[Unit], lanes: int, costs: Costs | None = None) -> list[Unit]:
+    """Units for ``lanes`` parallel workers: while the biggest unit alone outlasts the lanes'
+    mean load (it would bound the run's wall while other lanes idle), split it along its
+    autotune keys (FLA: prefill apart from the other ops). Each part pays its own first compile,
+    so a throughput-bound run (the full tier) keeps its units whole and a latency-bound one (the
+    smoke tier: 11 shape-ops on 12 lanes) runs its autotunes side by side. Deterministic."""
+    costs = costs or load_costs()
+    units = list(units)
+    if lanes <= 1:
+        return units
+    while True:
+        mean = sum(u.cost for u in units) / lanes
+        big = [u for u in units if u.cost > mean and len(_tunes(u)) > 1]
+        if not big:
+            return units
+        u = max(big, key=lambda u: (u.cost, u.key))
+        parts: dict[str, Unit] = {}
+        first = _tunes(u)[0]
+        for b, c in u.pairs:  # declared-unsupported pairs go with the first part: they cost nothing
+            t = first if declared_unsupported(b, c) else _tune_key(b, c)
+            parts.setdefault(t, Unit(f"{u.key}|{t}")).pairs.append((b, c))
+        for p in parts.values():
+            p.cost = costs.unit_cost(p.pairs)
+        i = units.index(u)
+        units[i:i + 1] = list(parts.values())
+
+
+def _tunes(u: Unit) -> list[str]:
+    """Autotune keys of a unit's pairs that run, in order of first appearance."""
+    return list(dict.fromkeys(_tune_key(b, c) for b, c in u.pairs if not declared_unsupported(b, c)))
+
+
+def lanes_wall(units: Sequence[Unit], jobs: int) -> float:
+    """Predicted span of ``units`` on ``jobs`` lanes: started biggest first, each on the lane that
+    frees first (how :func:`gdncheck.run.schedule` and its lanes proceed), compile locks aside."""
+    lanes = [0.0] * max(1, jobs)
+    for u in run_order(units):
+        i = min(range(len(lanes)), key=lambda j: (lanes[j], j))
+        lanes[i] += u.cost
+    return max(lanes)
 
 
 def plan_units(pairs: Sequence[Pair], costs: Costs | None = None) -> list[Unit]:
@@ -238,43 +299,50 @@ def _result_rows(paths: Iterable[str | Path]):
             if b is None:
                 continue
             c = Case.model_validate(d["case"])
-            yield b, c, d.get("timing") or {}, unit_key(b, c), _compile_key(b, c), d.get("worker", "")
+            yield b, c, d.get("timing") or {}, unit_key(b, c), _compile_key(b, c), _tune_key(b, c)
 
 
 def fit(paths: Sequence[str | Path]) -> dict[str, dict[str, float]]:
     """Cost entries per backend from results files (``timing.compile_s`` / ``wall_s``).
 
-    A unit's first compile is the first ``compile_s`` recorded for that unit in a file (by start
-    time); later keys of the same unit compile against autotuning or builds already done. Per
-    case: ``wall_s - compile_s``, fitted as ``case_s + gib_s * GiB`` by least squares (both >= 0).
-    The first compile of a unit is a median, so one contended outlier does not set the model.
+    Within each file, by start time, a unit's first recorded compile is its first compile, a
+    compile of an autotune key new to the unit a further key, and any other a variant. Medians,
+    so one contended outlier does not set the model. Per case: ``wall_s - compile_s``, fitted as
+    ``case_s + gib_s * GiB`` by least squares (both >= 0).
     """
     from gdncheck.run import case_bytes
 
     firsts: dict[str, list[float]] = {}
     further: dict[str, list[float]] = {}
+    variants: dict[str, list[float]] = {}
     xs: dict[str, list[tuple[float, float]]] = {}
     for p in paths:
-        seen_units: set[str] = set()
+        seen_units: set[tuple] = set()
+        seen_tunes: set[str] = set()
         rows = sorted(_result_rows([p]), key=lambda r: (r[2].get("start_s") or 0.0))
-        for b, c, t, uk, ck, _ in rows:
+        for b, c, t, uk, ck, tk in rows:
             comp = t.get("compile_s")
             if comp is not None:
-                (further if (b.name, uk) in seen_units else firsts).setdefault(b.name, []).append(comp)
+                if (b.name, uk) not in seen_units:
+                    firsts.setdefault(b.name, []).append(comp)
+                elif tk not in seen_tunes:
+                    further.setdefault(b.name, []).append(comp)
+                else:
+                    variants.setdefault(b.name, []).append(comp)
                 seen_units.add((b.name, uk))
+                seen_tunes.add(tk)
             if t.get("wall_s") is not None:
                 xs.setdefault(b.name, []).append((case_bytes(c) / 2**30, t["wall_s"] - (comp or 0.0)))
     out: dict[str, dict[str, float]] = {}
     for name in sorted(set(firsts) | set(xs)):
-        f = firsts.get(name, [])
-        k = further.get(name, [])
+        f, k, v = firsts.get(name, []), further.get(name, []), variants.get(name, [])
         a, g = _line(xs.get(name, []))
-        out[name] = {"unit_compile_s": round(median(f), 2) if f else 0.0,
-                     # a mean: further keys are bimodal (fla-chunk: ~40 s for the other op's
-                     # kernels, ~1 s for flag variants), a median would pick one mode
-                     "key_compile_s": round(sum(k) / len(k), 2) if k else (round(median(f) / 2, 2) if f else 0.0),
+        first = median(f) if f else 0.0
+        out[name] = {"unit_compile_s": round(first, 2),
+                     "key_compile_s": round(median(k), 2) if k else round(first, 2),
+                     "variant_compile_s": round(median(v), 2) if v else 0.0,
                      "case_s": round(a, 3), "gib_s": round(g, 4),
-                     "n_units": len(f), "n_cases": len(xs.get(name, []))}
+                     "n_units": len(f), "n_keys": len(k), "n_variants": len(v), "n_cases": len(xs.get(name, []))}
     return out
 
 
@@ -304,12 +372,13 @@ def write_costs(entries: dict[str, dict[str, float]], sources: Sequence[str], pa
             pass
     lines = ["# Cost model for compile-unit sharding (gdncheck/shard.py): seconds per backend, fitted",
              "# from measured results files. Refresh: python -m gdncheck.shard fit RESULTS.jsonl... ",
-             "# unit_compile_s: first compile of a unit; key_compile_s: each further compile key in it;",
-             "# per case: case_s + gib_s * GiB (case_bytes). Families: medians of their backends.",
+             "# unit_compile_s: first compile of a unit; key_compile_s: each further autotune key in it;",
+             "# variant_compile_s: each further compile key of an autotune key done; per case:",
+             "# case_s + gib_s * GiB (case_bytes). Families: medians of their backends.",
              "# Sources: " + ", ".join(sources), ""]
     for title, table in (("backend", entries),
                          ("family", {f: {k: round(median(e[k] for e in es), 3)
-                                         for k in ("unit_compile_s", "key_compile_s", "case_s", "gib_s")}
+                                         for k in ("unit_compile_s", "key_compile_s", "variant_compile_s", "case_s", "gib_s")}
                                      for f, es in sorted(fam.items())})):
         for name, e in table.items():
             lines.append(f'[{title}."{name}"]')
@@ -331,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("suites", nargs="+")
     s.add_argument("-b", "--backend", action="append", required=True)
     s.add_argument("-n", type=int, action="append", default=None)
+    s.add_argument("-j", "--jobs", type=int, default=12, help="lanes per GPU for the predicted wall")
+    s.add_argument("--setup-s", type=float, default=15.0, help="start-up before the first case")
     a = ap.parse_args(argv)
     if a.cmd == "fit":
         entries = fit(a.results)
@@ -344,11 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     pairs = plan(a.suites, [load_backend(x) for x in a.backend])
     units = plan_units(pairs)
     total = sum(u.cost for u in units)
-    print(f"{len(pairs)} pairs, {len(units)} units, predicted {total:.0f} s of worker time")
+    one = a.setup_s + lanes_wall(split_for_lanes(units, a.jobs), a.jobs)
+    print(f"{len(pairs)} pairs, {len(units)} units, predicted {total:.0f} s of worker time; "
+          f"one GPU, -j {a.jobs}: {one:.0f} s")
     for n in a.n or [2, 4, 8]:
-        loads = [sum(u.cost for u in s) for s in assign(units, n)]
+        shards = assign(units, n)
+        loads = [sum(u.cost for u in s) for s in shards]
+        wall = a.setup_s + max(lanes_wall(split_for_lanes(s, a.jobs), a.jobs) for s in shards)
         print(f"n={n}: shard costs {', '.join(f'{x:.0f}' for x in loads)} s; "
-              f"max/mean {max(loads) / (sum(loads) / n):.3f}; biggest unit {max(u.cost for u in units):.0f} s")
+              f"max/mean {max(loads) / (sum(loads) / n):.3f}; biggest unit {max(u.cost for u in units):.0f} s; "
+              f"{n} GPUs, -j {a.jobs}: {wall:.0f} s")
     return 0
 
 

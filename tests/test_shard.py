@@ -95,10 +95,14 @@ def test_lpt_on_known_units():
 def test_cost_model_prices_compiles_once_per_key_and_skips_unsupported():
     chunk = load_backend("fla-chunk")
     fi = load_backend("flashinfer-decode")
-    costs = S.Costs({"fla-chunk": S.Cost(80.0, 20.0, 1.0, 0.0)})
+    costs = S.Costs({"fla-chunk": S.Cost(80.0, 20.0, 1.0, 0.0, 2.0)})
     cases = [c for _, c in plan(["smoke"], [chunk]) if chunk.supports(c) is None]
-    keys = {repr(compile_key(chunk, c)) for c in cases[:6]}
-    assert costs.unit_cost([(chunk, c) for c in cases[:6]]) == pytest.approx(80 + 20 * (len(keys) - 1) + 6)
+    unit = [c for c in cases if S.unit_key(chunk, c) == S.unit_key(chunk, cases[0])]
+    keys = {repr(compile_key(chunk, c)) for c in unit}
+    tunes = {S._tune_key(chunk, c) for c in unit}
+    assert len(keys) > len(tunes) > 1  # the smoke unit has both kinds of further compile
+    want = 80 + 20 * (len(tunes) - 1) + 2 * (len(keys) - len(tunes)) + len(unit)
+    assert costs.unit_cost([(chunk, c) for c in unit]) == pytest.approx(want)
     small = [c for _, c in plan(["smoke"], [fi]) if c.K == 32]
     assert small and costs.unit_cost([(fi, c) for c in small]) == 0.0  # declared unsupported: no worker time
     # without an entry: the backend's compile hint
@@ -106,32 +110,34 @@ def test_cost_model_prices_compiles_once_per_key_and_skips_unsupported():
 
 
 def test_fit_recovers_a_synthetic_model(tmp_path):
-    """Results written from a known model (first compile 60 s, further keys 10 s, 0.5 s per case
-    plus 2 s per GiB) refit to it, and the TOML written loads back."""
+    """Results written from a known model (first compile 60 s, further autotune keys 10 s, flag
+    variants 1 s, 0.5 s per case plus 2 s per GiB) refit to it, and the TOML written loads back."""
     from gdncheck.run import case_bytes
 
     chunk = load_backend("fla-chunk")
     cases = [c for _, c in plan(["smoke", "edges"], [chunk]) if chunk.supports(c) is None]
     lines = [json.dumps({"kind": "header"})]
-    seen_units, seen_keys = set(), set()
+    seen_units, seen_keys, seen_tunes = set(), set(), set()
     for i, c in enumerate(cases):
-        uk, ck = S.unit_key(chunk, c), repr(compile_key(chunk, c))
+        uk, ck, tk = S.unit_key(chunk, c), repr(compile_key(chunk, c)), S._tune_key(chunk, c)
         comp = None
         if ck not in seen_keys:
-            comp = 10.0 if uk in seen_units else 60.0
+            comp = 60.0 if uk not in seen_units else 10.0 if tk not in seen_tunes else 1.0
             seen_units.add(uk)
             seen_keys.add(ck)
+            seen_tunes.add(tk)
         wall = (comp or 0) + 0.5 + 2.0 * case_bytes(c) / 2**30
         lines.append(json.dumps({"case_id": c.id, "case": c.model_dump(), "backend": "fla-chunk", "status": "ok",
                                  "timing": {"compile_s": comp, "wall_s": wall, "start_s": float(i)}}))
     p = tmp_path / "r.jsonl"
     p.write_text("\n".join(lines) + "\n")
     e = S.fit([p])["fla-chunk"]
-    assert e["unit_compile_s"] == 60.0 and e["key_compile_s"] == 10.0
+    assert (e["unit_compile_s"], e["key_compile_s"], e["variant_compile_s"]) == (60.0, 10.0, 1.0)
+    assert e["n_keys"] > 0 and e["n_variants"] > 0  # each class was present in the data
     assert e["case_s"] == pytest.approx(0.5, abs=1e-3) and e["gib_s"] == pytest.approx(2.0, abs=1e-3)
     S.write_costs(S.fit([p]), ["r.jsonl"], tmp_path / "costs.toml")
     m = S.load_costs(tmp_path / "costs.toml")
-    assert m.for_backend(chunk) == S.Cost(60.0, 10.0, 0.5, 2.0)
+    assert m.for_backend(chunk) == S.Cost(60.0, 10.0, 0.5, 2.0, 1.0)
     assert m.families["fla"].unit_compile_s == 60.0
 
 
@@ -196,3 +202,64 @@ def test_fan_out_gives_every_shard_the_same_named_caches(tmp_path, monkeypatch):
     for var in ("TRITON_CACHE_DIR", "FLASHINFER_WORKSPACE_BASE", "CUTE_DSL_CACHE_DIR", "TRITON_CACHE_AUTOTUNING"):
         assert len({e[var] for _, e in seen}) == 1, var
     assert seen[0][1]["FLASHINFER_WORKSPACE_BASE"] == str(tmp_path / "fi")
+
+
+# Features the smoke tier leaves to the full tier, per backend (every other capability-matrix
+# feature a backend supports in the full tier has a smoke case): slots >= 4096 need 64-72 GiB.
+_FULL_ONLY = {
+    "fla-chunk": {"disable_state_update"}, "fla-recurrent": {"disable_state_update"},
+    "flashinfer-prefill": {"strided gates", "strided pool"},
+    "flashinfer-prefill-cp": {"strided gates", "strided pool"},
+    "flashinfer-prefill-chunk": {"strided gates", "strided pool"},
+    "flashinfer-decode": {"no l2norm"},
+    "flashinfer-mtp": {"no l2norm", "strided gates", "strided pool", "write != read"},
+    "flashinfer-mtp-ssm": {"no l2norm", "strided gates", "write != read"},
+    "fla-interp": {"T > 64 (chunks)", "write != read"},
+}
+
+
+@pytest.mark.parametrize("spec", sorted(set(default_backends(gpu=True) + default_backends(gpu=False))))
+def test_smoke_keeps_every_feature_on_every_backend(spec):
+    """Merging smoke cases to save compiles must not leave a capability-matrix feature without a
+    smoke case on a backend that supports it in the full tier."""
+    from gdncheck.cases import load_suite
+    from gdncheck.report.matrix import FEATURES
+
+    b = load_backend(spec)
+
+    def covered(cases):
+        return {f for f, pred in FEATURES.items() for c in cases if pred(c) and b.supports(c) is None}
+
+    full = covered([c for s in TIERS["full"] for c in load_suite(s)])
+    smoke = covered(load_suite("smoke"))
+    assert full - smoke <= _FULL_ONLY.get(b.name, set()) | {"slot >= 4096"}, b.name
+    if b.name != "sglang":
+        assert {"prefill", "decode T=1", "verify T>1"} & smoke  # not vacuous
+
+
+def test_smoke_fla_chunk_autotunes_few_shapes():
+    """Each (shape, prefill or not) of FLA's chunk kernels autotunes for 50-90 s cold: the smoke
+    tier keeps them at 11 (21 before the merges listed in cases/smoke.toml)."""
+    from gdncheck.cases import load_suite
+
+    chunk = load_backend("fla-chunk")
+    ran = [c for c in load_suite("smoke") if chunk.supports(c) is None]
+    assert len({(S.unit_key(chunk, c), c.op == "prefill") for c in ran}) <= 11
+    assert len({S.unit_key(chunk, c) for c in ran}) <= 8
+
+
+def test_units_split_along_autotune_keys_only_when_lanes_would_idle():
+    """Smoke on 12 lanes: a shape's FLA prefill and decode autotunes run side by side (the unit
+    would outlast the lanes' mean load); the full tier is throughput-bound and keeps units whole."""
+    smoke = S.plan_units(plan(["smoke"], GPU_BACKENDS))
+    split = S.split_for_lanes(smoke, 12)
+    assert len(split) > len(smoke)
+    assert sorted((b.name, c.id) for u in split for b, c in u.pairs) == \
+        sorted((b.name, c.id) for u in smoke for b, c in u.pairs)
+    assert all(len(S._tunes(u)) <= 1 for u in split if u.cost > sum(x.cost for x in split) / 12)
+    assert [u.key for u in S.split_for_lanes(list(reversed(smoke)), 12)] != [] and \
+        sorted(u.key for u in S.split_for_lanes(list(reversed(smoke)), 12)) == sorted(u.key for u in split)
+    assert S.lanes_wall(split, 12) < S.lanes_wall(smoke, 12)  # the point of it
+    assert S.split_for_lanes(smoke, 1) == smoke
+    full = S.plan_units(plan(TIERS["full"], GPU_BACKENDS))
+    assert len(S.split_for_lanes(full, 12)) == len(full)

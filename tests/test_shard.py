@@ -263,3 +263,33 @@ def test_units_split_along_autotune_keys_only_when_lanes_would_idle():
     assert S.split_for_lanes(smoke, 1) == smoke
     full = S.plan_units(plan(TIERS["full"], GPU_BACKENDS))
     assert len(S.split_for_lanes(full, 12)) == len(full)
+
+
+def test_bench_shards_on_the_h100_smoke_run(tmp_path, capsys):
+    """scripts/bench_shards.py on the measured cold smoke run and on its results cut into two
+    compile-unit shards: the cut's compile sum equals the run's (1.00x), hash shards recompile."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("bench_shards", root / "scripts" / "bench_shards.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    run_file = root / "reports" / "h100" / "2026-11-24b" / "smoke_cold" / "results.jsonl"
+    lines = run_file.read_text().splitlines()
+    rows = bench.rows(run_file)
+    by = {(r["backend"], r["case_id"]): r["unit"] for r in rows}
+    where = {u.key: i for i, s in enumerate(S.assign(S.plan_units([r["pair"] for r in rows]), 2)) for u in s}
+    shards = [tmp_path / f"s{i}.jsonl" for i in range(2)]
+    out = [[lines[0]], [lines[0]]]
+    for line in lines[1:]:
+        d = json.loads(line)
+        if (d["backend"], d["case_id"]) in by:
+            out[where[by[(d["backend"], d["case_id"])]]].append(line)
+    for p, ls in zip(shards, out):
+        p.write_text("\n".join(ls) + "\n")
+    assert bench.main(["--unsharded", str(run_file), "--shards", *map(str, shards), "-n", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "1.00x (target <= 1.1x) MET" in text
+    unit_line = next(x for x in text.splitlines() if "compile unit" in x).split()
+    hash_line = next(x for x in text.splitlines() if " hash " in x).split()
+    assert unit_line[5] == "1.00x" and float(hash_line[4].rstrip("x")) > 1.1  # n, split, compile, "s", ratio

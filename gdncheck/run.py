@@ -480,7 +480,8 @@ def default_device() -> str:
 
 
 def plan(suites: list[str], backends: list[Backend], shard: tuple[int, int] | None = None):
-    """(backend, case) pairs in run order: per backend, grouped by compile key."""
+    """(backend, case) pairs in run order: per backend, grouped by compile key. ``shard = (i, n)``
+    keeps shard i of n: whole compile units, balanced by the cost model (:mod:`gdncheck.shard`)."""
     cases: list[Case] = []
     seen: set[str] = set()
     for s in suites:

@@ -9,9 +9,11 @@ every kernel (two H200s were slower than one).
 
 Units are balanced over shards by a cost model fitted to measured runs (``costs.toml`` beside
 this module; ``python -m gdncheck.shard fit RESULTS.jsonl...`` refreshes it): per backend, the
-first compile of a unit, each further compile key in it, and seconds per case (a constant plus
-a term per GiB the case holds). Assignment is longest-processing-time first with ties broken by
-the units' keys: the same suites, backends and costs give the same shards in every process.
+first compile of a unit, each further autotune key in it, each flag variant, and seconds per
+case (a constant plus a term per GiB the case holds). Assignment is longest-processing-time first
+with ties broken by the units' keys. It reads only the suites, the backends' declared keys and
+capabilities and the cost file, never what is installed or which GPU is present, so every shard
+process (on any host) computes the same split.
 """
 from __future__ import annotations
 

@@ -56,13 +56,16 @@ def _tune_key(backend, case) -> str:
     """Key of the expensive part of a compile (``backend.autotune_key``, optional; else the
     compile key): compile keys that share it build in seconds once it is done in the process
     (FLA: flag variants of one shape and op reuse its autotuning)."""
+    from gdncheck.run import compile_key
+
+    # Backends of one kernel group share builds: their cases of one key are one autotune key, so
+    # split_for_lanes never separates them (FlashInfer prefill's automatic and forced routes).
+    group = getattr(backend, "kernel_group", None) or backend.name
     fn = getattr(backend, "autotune_key", None)
-    if fn is None:
-        return _compile_key(backend, case)
     try:
-        return repr((backend.name, *fn(case)))
+        return repr((group, *(fn(case) if fn is not None else compile_key(backend, case))))
     except Exception:  # noqa: BLE001 - a plugin's hint must not stop the run
-        return _compile_key(backend, case)
+        return repr((group, *compile_key(backend, case)))
 
 
 def declared_unsupported(backend, case) -> bool:

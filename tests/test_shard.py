@@ -263,6 +263,12 @@ def test_units_split_along_autotune_keys_only_when_lanes_would_idle():
     assert S.split_for_lanes(smoke, 1) == smoke
     full = S.plan_units(plan(TIERS["full"], GPU_BACKENDS))
     assert len(S.split_for_lanes(full, 12)) == len(full)
+    # FlashInfer prefill's routes share builds in one process: never split apart, however big
+    pre = [u for u in smoke if u.key.startswith("('flashinfer.prefill'")]
+    assert pre and all(len({b.name for b, _ in u.pairs}) == 3 for u in pre)
+    for u in pre:
+        u.cost = 1e6
+    assert {u.key for u in S.split_for_lanes(pre + split[:5], 12)} >= {u.key for u in pre}
 
 
 def test_bench_shards_on_the_h100_smoke_run(tmp_path, capsys):

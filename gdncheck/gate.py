@@ -235,6 +235,11 @@ def judge(r: CaseResult, budgets: Budgets, *, as_backend: str | None = None) -> 
                             detail=f"{c.nan_where_finite} NaN/Inf where the oracle is finite"))
     if c.state_written is False:
         out.append(_finding(r, "contract", "contract:state_written", detail=extra or "state not written"))
+    if c.redzone:
+        out.append(_finding(r, "contract", "contract:redzone", value=len(c.redzone), detail="; ".join(c.redzone[:3])))
+    if c.inputs_modified:
+        out.append(_finding(r, "contract", "contract:inputs_modified", value=len(c.inputs_modified),
+                            detail="; ".join(c.inputs_modified[:3])))
     for metric, b in budgets.for_result(r, as_backend).items():
         v = _metric(r, b.tensor, b.field)
         if v is None or math.isinf(b.max):

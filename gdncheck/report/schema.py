@@ -49,11 +49,16 @@ class Contracts(BaseModel):
     nan_where_finite: int = Field(0, description="NaN/Inf where the oracle is finite")
     state_written: bool | None = Field(None, description="final state / pool rows written where the API says")
     details: list[str] = Field(default_factory=list, description="what failed, in words")
+    redzone: list[str] = Field(default_factory=list, description=(
+        "guards around the backend's buffers that changed: tensor, side (before/after/hole), first offset"))
+    inputs_modified: list[str] = Field(default_factory=list, description=(
+        "input-only tensors (q, k, v, gates, indices) not bit-identical after the call"))
 
     @property
     def ok(self) -> bool:
         return (not self.untouched_changed and self.padded_ok is not False and self.unwritten == 0
-                and self.nan_where_finite == 0 and self.state_written is not False)
+                and self.nan_where_finite == 0 and self.state_written is not False
+                and not self.redzone and not self.inputs_modified)
 
 
 class Timing(BaseModel):

@@ -149,6 +149,7 @@ def repro_cmd(
     load: Annotated[Optional[Path], typer.Option(help="reproduce from a bundle instead of the generator")] = None,
     device: Annotated[Optional[str], typer.Option(help="device of the inputs (default: cuda for CUDA backends, else cpu)")] = None,
     twin: Annotated[bool, typer.Option("--twin/--no-twin", help="judge against the backend's precision twin")] = True,
+    sanitize: Annotated[Optional[str], typer.Option("--sanitize", help="run each backend in its own process under compute-sanitizer --tool memcheck|initcheck|racecheck|synccheck")] = None,
 ) -> None:
     """Rebuild one case's inputs, print their digest, run backends and print metrics."""
     from gdncheck.backends import load_backend
@@ -161,6 +162,13 @@ def repro_cmd(
     specs = backend or ["twin-fla", "twin-flashinfer"]
     backends = [_backend(s) for s in specs]
     dev = device or ("cuda" if any(b.caps.device.startswith("cuda") for b in backends) else "cpu")
+    if sanitize:  # the child process builds the inputs
+        try:
+            found = find_case(case, results) if case is not None else None
+        except (ReproError, SuiteError) as e:
+            raise _usage(str(e)) from None
+        _repro_sanitized(found, specs, sanitize, dev, save, load)
+        return
     try:
         inputs = load_bundle(load, dev) if load is not None else materialize(find_case(case, results), dev)
     except (ReproError, SuiteError) as e:
@@ -185,6 +193,35 @@ def repro_cmd(
         if why:
             typer.echo(f"FAIL {b.name}: {why}")
             failed = True
+    if failed:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def _repro_sanitized(case, specs: list[str], tool: str, device: str, save, load) -> None:
+    """``repro --sanitize``: each backend in its own process under compute-sanitizer; prints the
+    parsed findings; exit 1 on any error the tool counted, 3 when the tool is missing."""
+    from gdncheck import sanitize as S
+
+    if load is not None or save is not None:
+        raise _usage("--sanitize rebuilds the case from its id in the child process: not with --load/--save")
+    try:
+        S.require(tool)
+    except ValueError as e:
+        raise _usage(str(e)) from None
+    except S.SanitizerMissing as e:
+        typer.echo(f"environment: {e}", err=True)
+        raise typer.Exit(EXIT_ENV) from None
+    failed = False
+    for spec in specs:
+        r = S.sanitize_case(spec, case, tool, device=device)
+        s = r.sanitizer
+        typer.echo(f"{r.backend}: status {r.status}; {tool}: {s.errors} errors, {s.warnings} warnings"
+                   + (f" ({s.summary})" if s.summary else ""))
+        for f in s.findings:
+            typer.echo(f"  [{f.severity}] {f.summary()}")
+        if s.errors or r.status in ("error", "crash", "nan"):
+            failed = True
+            typer.echo(f"FAIL {r.backend}: {r.repro}")
     if failed:
         raise typer.Exit(EXIT_FAIL)
 

@@ -66,6 +66,7 @@ def run_cmd(
     render: Annotated[bool, typer.Option("--render/--no-render", help="render the report when done")] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="worker processes side by side on the device (kernels compile in parallel)")] = 1,
+    sanitize: Annotated[Optional[str], typer.Option("--sanitize", help="run each case in its own process under compute-sanitizer --tool memcheck|initcheck|racecheck|synccheck")] = None,
 ) -> None:
     """Run suites x backends against the float64 oracle (CPU default: twins + FLA interpreter on `smoke`)."""
     from gdncheck.cases import SuiteError
@@ -81,8 +82,18 @@ def run_cmd(
     specs = resolve_backends(backend, device)
     results = out / "results.jsonl"
     try:
-        run(suites, specs, results, device=device, isolate=isolate, resume=resume,
-            shard=parse_shard(shard), progress=progress, jobs=jobs)
+        if sanitize:
+            from gdncheck import sanitize as S
+            try:
+                S.require(sanitize)
+            except S.SanitizerMissing as e:
+                err.print(f"environment: {e}", highlight=False, markup=False)
+                raise typer.Exit(EXIT_ENV) from None
+            S.run_suites(suites, specs, results, sanitize, device=device, jobs=jobs, resume=resume,
+                         shard=parse_shard(shard), progress=progress)
+        else:
+            run(suites, specs, results, device=device, isolate=isolate, resume=resume,
+                shard=parse_shard(shard), progress=progress, jobs=jobs)
     except ValueError as e:
         raise usage_error(str(e)) from None
     except SuiteError as e:

@@ -38,7 +38,8 @@ from gdncheck.report.schema import CaseResult, TensorMetrics
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 
 # Tiers: suites run on every push (smoke) and nightly / before merge (full).
-TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"]}
+# sanitize: the cases most likely to expose memory bugs, to run under ``--sanitize`` (cases/sanitize.toml).
+TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"], "sanitize": ["sanitize"]}
 
 TENSORS = ("o", "state", "intermediate")
 # Metric fields a budget may bound (smaller is better for each).
@@ -207,17 +208,28 @@ def _metric(r: CaseResult, tensor: str, fld: str) -> float | None:
     return getattr(m, fld)
 
 
+def _sanitizer_findings(r: CaseResult) -> list[Finding]:
+    """A run under compute-sanitizer (``--sanitize``) fails on any error the tool counted."""
+    s = getattr(r, "sanitizer", None)
+    if s is None or not s.errors:
+        return []
+    first = next((f for f in s.findings if f.severity == "error"), None)
+    return [_finding(r, "sanitizer", f"sanitizer:{s.tool}", value=s.errors,
+                     detail=(f"{s.errors} errors; first: {first.summary()}" if first else s.summary)[:300])]
+
+
 def judge(r: CaseResult, budgets: Budgets, *, as_backend: str | None = None) -> list[Finding]:
     """Why ``r`` fails the gate (empty = pass). ``unsupported`` never fails here.
     ``as_backend``: look budgets up under this name (a planted fault judged as the kernel it fakes)."""
     if r.status == "unsupported":
         return []
+    san = _sanitizer_findings(r)
     if r.status != "ok":
         why = r.reason or ""
         if not why and r.contracts is not None and r.contracts.nan_where_finite:
             why = f"{r.contracts.nan_where_finite} NaN/Inf where the oracle is finite"
-        return [_finding(r, "status", f"status:{r.status}", detail=why[:300])]
-    out: list[Finding] = []
+        return san + [_finding(r, "status", f"status:{r.status}", detail=why[:300])]
+    out: list[Finding] = san
     c = r.contracts
     if c is None:
         return [_finding(r, "contract", "contract:missing", detail="result carries no contracts")]
@@ -636,6 +648,7 @@ def register(app) -> None:
         resume: Annotated[bool, typer.Option("--resume/--fresh", help="keep results already in --out")] = False,
         judge_: Annotated[bool, typer.Option("--judge/--no-judge", hidden=True)] = True,
         progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+        sanitize: Annotated[Optional[str], typer.Option("--sanitize", help="run each case in its own process under compute-sanitizer --tool memcheck|initcheck|racecheck|synccheck")] = None,
     ) -> None:
         """Pre-merge precision gate: run a tier, judge budgets, contracts and a baseline. Exit 0/1/2/3."""
         from rich.console import Console
@@ -644,7 +657,7 @@ def register(app) -> None:
         con = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
         try:
             code = _gate(tier, suite, backend, budgets or [], baseline, regress_factor, shard, gpus, out, device,
-                         require or [], results, kill_table_, seeds, resume, judge_, progress, con, jobs)
+                         require or [], results, kill_table_, seeds, resume, judge_, progress, con, jobs, sanitize)
         except GateConfigError as e:
             con.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
             code = EXIT_USAGE
@@ -671,11 +684,19 @@ def _check_backends(specs: list[str], require: list[str], device: str) -> None:
 
 
 def _gate(tier, suite, backend, budget_files, baseline, regress_factor, shard, gpus, out, device, require,
-          results, kill, seeds, resume, judge_, progress, con, jobs: int = 1) -> int:
+          results, kill, seeds, resume, judge_, progress, con, jobs: int = 1, sanitize: str | None = None) -> int:
     from gdncheck.cli import parse_shard
     from gdncheck.run import default_device
 
     budgets = load_budgets(budget_files)  # config errors first, before any work
+    if sanitize is not None and results is None and not kill:
+        from gdncheck import sanitize as S
+        try:
+            S.require(sanitize)
+        except ValueError as e:
+            raise GateConfigError(str(e)) from None
+        except S.SanitizerMissing as e:
+            raise GateEnvError(str(e)) from None
     if regress_factor <= 1.0:
         raise GateConfigError(f"--regress-factor must be > 1, got {regress_factor}")
     if jobs < 1:
@@ -733,8 +754,13 @@ def _gate(tier, suite, backend, budget_files, baseline, regress_factor, shard, g
             argv += sum((["--budgets", str(p)] for p in budget_files), []) + ["--device", "cuda"]
             argv += ["--resume"] if resume else []
             argv += ["--jobs", str(jobs)]
+            argv += ["--sanitize", sanitize] if sanitize else []
             con.print(f"gate: {n} shards on GPUs {gpu_ids[:n]}")
             merge_shards(_fan_out(argv, n, gpu_ids, out), res_path)
+        elif sanitize:
+            from gdncheck import sanitize as S
+            S.run_suites(suites, specs, res_path, sanitize, device=device, jobs=jobs, resume=resume, shard=sh,
+                         progress=progress)
         else:
             run(suites, specs, res_path, device=device, resume=resume, shard=sh, progress=progress, jobs=jobs)
         wall = time.perf_counter() - t0
@@ -746,7 +772,7 @@ def _gate(tier, suite, backend, budget_files, baseline, regress_factor, shard, g
     print_verdict(v, con)
     write_verdict(v, out, {"suites": suites, "results": str(res_path), "budgets": budgets.files,
                            "baseline": str(baseline) if baseline else None, "shard": shard,
-                           "jobs": jobs, "wall_s": None if results is not None else round(wall, 1)})
+                           "jobs": jobs, "sanitize": sanitize, "wall_s": None if results is not None else round(wall, 1)})
     con.print(f"verdict: {out / 'gate.json'}, {out / 'gate.md'}")
     return v.exit_code
 

@@ -11,11 +11,11 @@ sentinel element must be bit-identical. Changed elements are reported per tensor
 (``before``, ``after``, or ``hole`` for the elements between a strided view's rows) and first
 offset.
 
-Guard sizes: at least :data:`MIN_GUARD_BYTES`, and at least one row (the stride of dim 0) so a
-write one pool slot past the pool, or one slot before it, lands in a guard; whole rows for the
-pool / state (``rows`` guard rows on each side). Rows of other tensors count up to
-:data:`MAX_ROW_GUARD_BYTES` (a prefill output's dim 0 is the whole tensor). Guard bytes are
-rounded up to :data:`ALIGN_BYTES` so the view keeps the alignment of a fresh allocation.
+Guard sizes: at least :data:`MIN_GUARD_BYTES` on each side, rounded up to :data:`ALIGN_BYTES` so
+the view keeps the alignment of a fresh allocation; for the pool / state (and buffers adapters
+allocate) whole rows of dim 0, at least one, so a write one slot past the pool or one slot before
+it lands in a guard; for ``[B, T, ...]`` tensors at least one token (stride of dim 1, up to
+:data:`MAX_ROW_GUARD_BYTES`), so a write one token past the output lands in a guard.
 
 Sentinel: a *signalling* NaN per float dtype (quiet bit clear, payload 0xA5..): arithmetic in
 IEEE hardware only produces quiet NaNs (CUDA's canonical 0x7FFFFFFF, x86's 0x7FC00000) and the
@@ -162,6 +162,14 @@ class _Zone:
                 "row_bytes": self.row * es, "dtype": str(self.flat.dtype).removeprefix("torch.")}
 
 
+def _row(t: torch.Tensor, pool: bool) -> int:
+    """Elements of one row: a pool slot (stride of dim 0) for pools and states; one token (stride
+    of dim 1) for ``[B, T, ...]`` tensors of three or more dims; none for vectors and matrices."""
+    if pool:
+        return t.stride(0) if t.dim() else 0
+    return t.stride(1) if t.dim() >= 3 else 0
+
+
 def _guard_elems(row_elems: int, itemsize: int, *, whole_rows: bool) -> int:
     """Guard length in elements: >= MIN_GUARD_BYTES and >= one row (whole rows for pools),
     rounded up to ALIGN_BYTES."""
@@ -206,7 +214,7 @@ class RedZones:
         lo = min(offs)
         span = max(o + _extent(t) for o, t in zip(offs, tensors)) - lo
         first = tensors[0]
-        row = first.stride(0) if first.dim() and first.shape[0] > 0 else 0
+        row = _row(first, whole_rows)
         g = _guard_elems(row, first.element_size(), whole_rows=whole_rows)
         flat = torch.empty(g + span + g, dtype=dtype, device=dev)
         iv, pat = sentinel(dtype)
@@ -231,7 +239,7 @@ class RedZones:
         """A contiguous ``shape`` buffer inside guards; ``fill`` (e.g. NaN) or uninitialised."""
         t = torch.empty(shape, dtype=dtype, device="meta")
         dev = torch.device(device)
-        row = t.stride(0) if t.dim() and t.shape[0] > 0 else 0
+        row = _row(t, whole_rows)
         es = t.element_size()
         g = _guard_elems(row, es, whole_rows=whole_rows)
         span = t.numel()

@@ -46,6 +46,8 @@ TIMEOUT_S = float(os.environ.get("GDNCHECK_SANITIZE_TIMEOUT", "1800"))
 #: findings kept per result (the summary still counts them all)
 MAX_FINDINGS = 50
 BUFFER_TAG = "GDNCHECK-BUFFER "
+#: cases above this many device bytes (:func:`gdncheck.run.case_bytes`) run alone
+BIG_CASE_BYTES = 16 << 30
 
 
 class SanitizerMissing(RuntimeError):
@@ -411,7 +413,7 @@ def run_suites(suites: list[str], specs: list[str], out: Path, tool: str, *, dev
 
     from gdncheck.backends import load_backend
     from gdncheck.report.schema import RunHeader
-    from gdncheck.run import _repair_tail, environment, plan, read_done, too_large, backend_device, _base
+    from gdncheck.run import _base, _repair_tail, backend_device, case_bytes, environment, plan, read_done, too_large
 
     exe = require(tool)
     backends = [load_backend(s) for s in specs]
@@ -452,9 +454,14 @@ def run_suites(suites: list[str], specs: list[str], out: Path, tool: str, *, dev
                 return
             record(sanitize_case(spec_of[b.name], c, tool, device=device, exe=exe, log_dir=logs, timeout_s=timeout_s))
 
+        # cases of tens of GiB (pools past 2^31 elements) run one at a time after the others: the
+        # sanitizer's processes share the device without the runner's memory admission
+        big = [(b, c) for b, c in todo if case_bytes(c) > BIG_CASE_BYTES]
         with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-            for fut in [ex.submit(one, b, c) for b, c in todo]:
+            for fut in [ex.submit(one, b, c) for b, c in todo if (b, c) not in big]:
                 fut.result()
+        for b, c in big:
+            one(b, c)
     return out
 
 

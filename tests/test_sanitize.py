@@ -222,3 +222,21 @@ def test_missing_sanitizer_is_exit_3_in_one_line(argv, monkeypatch, tmp_path):
     assert "compute-sanitizer not found" in r.output
     r = CliRunner().invoke(app, [*argv, "--sanitize", "leakcheck"])
     assert r.exit_code == 2 and "unknown tool" in r.output
+
+
+@pytest.mark.parametrize("path", sorted(DATA.glob("*.txt")), ids=lambda p: p.name)
+def test_every_recording_parses_to_its_own_summary(path):
+    """Any recording dropped into tests/data/sanitizer/ (real ones from the GPU included): the
+    error count is the tool's summary, every error finding names what it is, clean means clean."""
+    text = path.read_text()
+    rep = S.parse_report(text)
+    m = S._ERR_SUMMARY.search(text) or S._RACE_SUMMARY.search(text)
+    assert m, "a recording ends with the tool's summary line"
+    assert rep.errors == int(m.group(1))
+    assert all(f.kind for f in rep.findings)
+    if rep.errors:
+        assert any(f.severity == "error" for f in rep.findings)
+    if "clean" in path.name:
+        assert rep.errors == 0 and not [f for f in rep.findings if f.severity == "error"]
+    if "memcheck" in path.name and rep.errors:
+        assert any(f.address and f.access for f in rep.findings)

@@ -337,15 +337,19 @@ def sanitize_case(spec: str, case, tool: str, *, device: str = "cuda", exe: str 
         cmd = command(exe, tool, ["--backend", spec, "--case", str(cpath), "--device", device, "--result", str(rpath)])
         env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "GDNCHECK_REDZONE_ANNOUNCE": "1"}
         t0 = time.perf_counter()
+        # its own session: a timeout (or the runner stopping) kills the tool and its child, nothing else
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                                 env=env, start_new_session=True)
+        _LIVE.add(proc.pid)
         try:
             text, _ = proc.communicate(timeout=timeout_s)
             code = proc.returncode
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # the sanitizer and the child it started, nothing else
+            _kill(proc.pid)
             text, _ = proc.communicate()
             code = None
+        finally:
+            _LIVE.discard(proc.pid)
         wall = time.perf_counter() - t0
         res = None
         if rpath.exists():
@@ -370,6 +374,26 @@ def sanitize_case(spec: str, case, tool: str, *, device: str = "cuda", exe: str 
     res.repro = f"{case.repro()} --backend {backend.name} --sanitize {tool}"
     res.timing.wall_s = wall
     return res
+
+
+_LIVE: set[int] = set()  # process groups of the sanitizer sessions running now
+_STOP = threading.Event()
+
+
+def _kill(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _stop_on_signal(signum, frame) -> None:
+    """SIGTERM / SIGINT while pairs run: kill the running sessions (they are not in our process
+    group, so the signal did not reach them), record nothing more, and stop; --resume redoes them."""
+    _STOP.set()
+    for pgid in list(_LIVE):
+        _kill(pgid)
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _dev(device: str):
@@ -448,20 +472,31 @@ def run_suites(suites: list[str], specs: list[str], out: Path, tool: str, *, dev
                           + (f", {s.errors} errors" if s else ""), file=sys.stderr, flush=True)
 
         def one(b, c) -> None:
+            if _STOP.is_set():
+                return
             why = b.supports(c) or too_large(c, backend_device(b, device))
             if why:
                 record(CaseResult(status="unsupported", reason=why, **_base(b, c, _dev("cpu"), "")))
                 return
-            record(sanitize_case(spec_of[b.name], c, tool, device=device, exe=exe, log_dir=logs, timeout_s=timeout_s))
+            res = sanitize_case(spec_of[b.name], c, tool, device=device, exe=exe, log_dir=logs, timeout_s=timeout_s)
+            if not _STOP.is_set():  # a session killed by a stop is not a result
+                record(res)
 
         # cases of tens of GiB (pools past 2^31 elements) run one at a time after the others: the
         # sanitizer's processes share the device without the runner's memory admission
         big = [(b, c) for b, c in todo if case_bytes(c) > BIG_CASE_BYTES]
-        with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-            for fut in [ex.submit(one, b, c) for b, c in todo if (b, c) not in big]:
-                fut.result()
-        for b, c in big:
-            one(b, c)
+        main = threading.current_thread() is threading.main_thread()
+        old = {sig: signal.signal(sig, _stop_on_signal) for sig in (signal.SIGTERM, signal.SIGINT)} if main else {}
+        _STOP.clear()
+        try:
+            with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+                for fut in [ex.submit(one, b, c) for b, c in todo if (b, c) not in big]:
+                    fut.result()
+            for b, c in big:
+                one(b, c)
+        finally:
+            for sig, h in old.items():
+                signal.signal(sig, h)
     return out
 
 

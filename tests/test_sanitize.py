@@ -240,3 +240,51 @@ def test_every_recording_parses_to_its_own_summary(path):
         assert rep.errors == 0 and not [f for f in rep.findings if f.severity == "error"]
     if "memcheck" in path.name and rep.errors:
         assert any(f.address and f.access for f in rep.findings)
+
+
+_SLOW_FAKE = """#!{python}
+import os, sys, time
+if sys.argv[1:2] == ["--version"]:
+    sys.exit(0)
+open(os.environ["FAKE_PIDS"], "a").write(f"{{os.getpid()}}\\n")
+time.sleep(120)
+"""
+
+_STOPPER = """
+import sys
+from pathlib import Path
+from gdncheck import sanitize as S
+S.run_suites([sys.argv[1]], ["twin-fla", "twin-flashinfer"], Path(sys.argv[2]), "memcheck", device="cpu", jobs=2,
+             progress=False)
+"""
+
+
+def test_a_stopped_run_kills_its_sessions_and_records_nothing(tmp_path, monkeypatch):
+    """SIGTERM (a timeout) on the runner: the sanitizer sessions (own sessions, so the signal does
+    not reach them) are killed, no half result is written, and --resume would redo the pairs."""
+    import signal
+    import subprocess
+    import time
+
+    exe = tmp_path / "compute-sanitizer"
+    exe.write_text(_SLOW_FAKE.format(python=sys.executable))
+    exe.chmod(exe.stat().st_mode | stat.S_IXUSR)
+    pids = tmp_path / "pids"
+    suite = tmp_path / "mini.toml"
+    suite.write_text('[[case]]\nop = "decode"\nbatch = 2\nH = 2\nHV = 4\nK = 8\nV = 8\nslots = { first = 1 }\n')
+    out = tmp_path / "r.jsonl"
+    env = {**os.environ, "GDNCHECK_COMPUTE_SANITIZER": str(exe), "FAKE_PIDS": str(pids)}
+    p = subprocess.Popen([sys.executable, "-c", _STOPPER, str(suite), str(out)], env=env)
+    deadline = time.time() + 60
+    while time.time() < deadline and (not pids.exists() or len(pids.read_text().split()) < 2):
+        time.sleep(0.2)
+    started = [int(x) for x in pids.read_text().split()]
+    assert len(started) == 2  # two pairs in flight (-j 2)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=30) != 0
+    time.sleep(0.5)
+    for pid in started:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["kind"] == "header"

@@ -38,8 +38,8 @@ from gdncheck.report.schema import CaseResult, TensorMetrics
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 
 # Tiers: suites run on every push (smoke) and nightly / before merge (full).
-# sanitize: the cases most likely to expose memory bugs, to run under ``--sanitize`` (cases/sanitize.toml).
-TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"], "sanitize": ["sanitize"]}
+# sanitize: the cases most likely to expose memory bugs, to run under ``--sanitize`` (cases/sanitize*.toml).
+TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"], "sanitize": ["sanitize", "sanitize_large"]}
 
 TENSORS = ("o", "state", "intermediate")
 # Metric fields a budget may bound (smaller is better for each).

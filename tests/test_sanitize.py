@@ -288,3 +288,21 @@ def test_a_stopped_run_kills_its_sessions_and_records_nothing(tmp_path, monkeypa
             os.kill(pid, 0)
     lines = out.read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["kind"] == "header"
+
+
+def test_sanitize_tier_covers_the_memory_risks():
+    cases = [c for s in G.TIERS["sanitize"] for c in __import__("gdncheck.cases", fromlist=["x"]).load_suite(s)]
+    assert len({c.id for c in cases}) == len(cases)
+    big = [c for c in cases if c.pool_size and c.HV == 32 and max(c.read_indices + (c.write_indices or [])) >= 4096]
+    assert {c.op for c in big} == {"prefill", "decode", "verify"}
+    assert all(c.pool_size * c.HS * c.K * c.V > 2**31 for c in big)
+    assert {c.state_dtype for c in big} == {"float32", "bfloat16"}
+    assert any(c.padded_rows and c.op == "decode" for c in cases) and any(c.padded_rows and c.op == "verify" for c in cases)
+    assert any(c.write_indices and -1 in c.write_indices and min(c.read_indices) >= 0 for c in cases)
+    assert any(c.op == "prefill" and 0 in c.seqlens and c.pool_size for c in cases)
+    assert any(c.op == "prefill" and 0 in c.seqlens and not c.pool_size for c in cases)
+    for flag in ("pool_strided", "gate_strided", "disable_state_update", "intermediate"):
+        assert any(getattr(c, flag) for c in cases), flag
+    assert {c.layout for c in cases} == {"k_last", "v_last"} and {c.gate_source for c in cases} == {"raw", "precomputed"}
+    assert {"float16", "bfloat16"} <= {c.dtype for c in cases} and not all(c.l2norm for c in cases)
+    assert all(c.K == c.V == 128 for c in cases)  # every FlashInfer path runs

@@ -16,7 +16,7 @@ JOBS=${JOBS:-8}
 LIMIT=${LIMIT:-570}  # seconds per call; the runner kills its sessions on TERM and --resume redoes them
 FI="-b flashinfer-prefill -b flashinfer-decode -b flashinfer-mtp -b flashinfer-mtp-ssm"
 FLA="-b fla-chunk -b fla-recurrent"
-gdn() { python -m gdncheck "$@"; }
+
 
 step() {  # step NAME COMMAND...: run with the time limit, log command and wall time
   local name=$1; shift
@@ -40,11 +40,11 @@ case "${1:-}" in
       echo "$1 $2: exit $? -> tests/data/sanitizer/h200_$1_$2.txt"
     done ;;
   warm)
-    step warm gdn gate --tier sanitize $FI $FLA -j "$JOBS" --resume --out "$OUT/warm" --no-progress ;;
+    step warm python -m gdncheck gate --tier sanitize $FI $FLA -j "$JOBS" --resume --out "$OUT/warm" --no-progress ;;
   memcheck|initcheck|racecheck)
-    step "$1" gdn gate --suite sanitize $FI $FLA --sanitize "$1" -j "$JOBS" --resume --out "$OUT/$1" --no-progress ;;
+    step "$1" python -m gdncheck gate --suite sanitize $FI $FLA --sanitize "$1" -j "$JOBS" --resume --out "$OUT/$1" --no-progress ;;
   large)
-    step large gdn gate --suite sanitize_large $FI --sanitize memcheck --resume --out "$OUT/large" --no-progress ;;
+    step large python -m gdncheck gate --suite sanitize_large $FI --sanitize memcheck --resume --out "$OUT/large" --no-progress ;;
   *)
     sed -n '2,13p' "$0"; exit 2 ;;
 esac

@@ -358,6 +358,11 @@ def sanitize_case(spec: str, case, tool: str, *, device: str = "cuda", exe: str 
             except ValueError:
                 res = None
     rep = parse_report(text, tool)
+    if not rep.summary:  # the tool did not finish its report: no verdict is not a pass
+        rep.findings.append(SanitizerFinding(
+            severity="error", kind=f"no summary from compute-sanitizer (exit {code}): the tool did not finish",
+            text=text[-1500:]))
+        rep.errors += 1
     rep.command = " ".join(shlex.quote(c) for c in cmd[:cmd.index(sys.executable)]) + " python -m gdncheck.sanitize child ..."
     rep.exit_code = code
     if log_dir is not None:

@@ -194,6 +194,11 @@ def test_runner_attaches_the_report_and_maps_the_address(fake_tool, tmp_path):
     r = S.sanitize_case("twin-flashinfer", CASE, "memcheck", device="cpu")
     assert r.sanitizer.errors == 0 and not G.judge(r, BUDGETS)
 
+    fake_tool.write_text("========= COMPUTE-SANITIZER\n")  # the tool died before its summary
+    r = S.sanitize_case("twin-flashinfer", CASE, "memcheck", device="cpu")
+    assert r.sanitizer.errors == 1 and r.sanitizer.findings[0].kind.startswith("no summary")
+    assert [f.check for f in G.judge(r, BUDGETS)] == ["sanitizer:memcheck"]
+
 
 def test_gate_sanitize_command_fails_on_a_finding(fake_tool, tmp_path):
     suite = tmp_path / "mini.toml"

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from gdncheck import redzone
 from gdncheck.backends import Backend, Outputs, load_backend
 from gdncheck.data.case import Case
 from gdncheck.data.results import CaseResult, Environment, Timing
@@ -172,8 +173,9 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
         return CaseResult(status="unsupported", reason=reason, **base), None
     policy = backend.policy(case)
     timing = Timing()
+    zone = contextlib.ExitStack()  # red zones: guarded copies of the inputs, open until the call returns
     try:
-        inputs = inputs.clone(dev)
+        rz, inputs = zone.enter_context(redzone.session(inputs, dev))
         before = inputs.clone()
         key = backend.compile_key(case)
         first = seen_keys is not None and key not in seen_keys
@@ -194,10 +196,13 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
         if first:
             timing.compile_s = max(t_first - timing.run_s, 0.0)
     except Exception as e:  # noqa: BLE001 - a kernel error is a result, not a stop
+        zone.close()
         text = f"{type(e).__name__}: {e}".strip()
         fatal = any(s in text for s in _FATAL)
         return CaseResult(status="crash" if fatal else "error", reason=text[:2000], policy=policy,
                           timing=timing, extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base), None
+    zone.close()
+    guard_violations = redzone.violations(rz, before, inputs)  # before judging reads (and may move) them
     extra: dict = {}
     try:
         t0 = time.perf_counter()
@@ -213,6 +218,7 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
                     raise
                 extra["twin_error"] = f"{type(e).__name__}: {e}"[:500]
         m, contracts = metrics.evaluate(before, out, exp, twin=twin_out)
+        redzone.record(contracts, *guard_violations)
     except Exception as e:  # noqa: BLE001 - e.g. the float64 oracle out of device memory beside other workers
         return CaseResult(status="error", reason=f"judging (oracle, twin, metrics): {type(e).__name__}: {e}"[:2000],
                           path=out.path, policy=policy, timing=timing,

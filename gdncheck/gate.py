@@ -25,7 +25,9 @@ from gdncheck.progress import Progress
 from gdncheck.run import reseed
 
 # Tiers: suites run on every push (smoke), nightly / before merge (full), under compute-sanitizer (sanitize).
-TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"]}
+# sanitize: the cases most likely to expose memory bugs, to run under ``--sanitize`` (cases/sanitize*.toml).
+TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"],
+                               "sanitize": ["sanitize", "sanitize_large"]}
 
 
 @dataclass
@@ -39,7 +41,7 @@ def gate(suites: list[str], specs: list[str], budgets: Budgets, out: Path, *, ba
          factor: float = REGRESS_FACTOR, min_overlap: float = 0.5, shard: tuple[int, int] | None = None,
          gpus: str = "auto", jobs: int = 1, device: str = "cpu", require: list[str] = (),
          results: Path | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
-         allow_empty: bool = False, seeds: int = 1, judge: bool = True) -> GateOutcome:
+         allow_empty: bool = False, seeds: int = 1, judge: bool = True, sanitize: str | None = None) -> GateOutcome:
     """Run (or load) the tier and judge it. Configuration problems raise before any work."""
     from gdncheck.backends import load_backend
     from gdncheck.run import RESULTS, check_device, plan, run
@@ -74,14 +76,14 @@ def gate(suites: list[str], specs: list[str], budgets: Budgets, out: Path, *, ba
             gpu_ids = visible_gpus()
             argv = sum((["--suite", s] for s in suites), []) + sum((["--backend", b] for b in specs), [])
             argv += sum((["--budgets", str(p)] for p in budgets.files[1:]), []) + ["--device", "cuda"]
-            argv += ["--jobs", str(jobs), "--seeds", str(seeds)]
+            argv += ["--jobs", str(jobs), "--seeds", str(seeds)] + (["--sanitize", sanitize] if sanitize else [])
             print(f"gate: {n} shards on GPUs {gpu_ids[:n]}", file=sys.stderr)
             res_path = out / RESULTS
             header, res = merge_results(fan_out(argv, n, gpu_ids, out))
             write_results(res_path, header, res)
         else:
             outcome = run(suites, specs, out, device=device, resume=resume, overwrite=overwrite, shard=shard,
-                          progress=progress, jobs=jobs, seeds=seeds, budgets=budgets)
+                          progress=progress, jobs=jobs, seeds=seeds, budgets=budgets, sanitize=sanitize)
             res_path = outcome.dir.results
             header, res = load_results(res_path)
         wall = time.perf_counter() - t0

@@ -66,6 +66,16 @@ def checks(r: CaseResult, budgets: Budgets, *, as_backend: str | None = None) ->
     return out
 
 
+def _sanitizer(r: CaseResult) -> list[Finding]:
+    """A run under compute-sanitizer (``--sanitize``) fails on any error the tool counted."""
+    s = r.sanitizer
+    if s is None or not s.errors:
+        return []
+    first = next((f for f in s.findings if f.severity == "error"), None)
+    return [_finding(r, "sanitizer", f"sanitizer:{s.tool}", value=s.errors,
+                     detail=(f"{s.errors} errors; first: {first.summary()}" if first else s.summary)[:300])]
+
+
 def judge_result(r: CaseResult, budgets: Budgets, *, as_backend: str | None = None) -> list[Finding]:
     """Why ``r`` fails (empty: it passes, or it is unsupported and not judged).
 
@@ -73,15 +83,16 @@ def judge_result(r: CaseResult, budgets: Budgets, *, as_backend: str | None = No
     """
     if r.status == "unsupported":
         return []
+    san = _sanitizer(r)
     if r.status != "ok":
         why = r.reason or ""
         if not why and r.contracts is not None and r.contracts.nan_where_finite:
             why = f"{r.contracts.nan_where_finite} NaN/Inf where the oracle is finite"
-        return [_finding(r, "status", f"status:{r.status}", detail=why[:300])]
+        return san + [_finding(r, "status", f"status:{r.status}", detail=why[:300])]
     c = r.contracts
     if c is None:
-        return [_finding(r, "contract", "contract:missing", detail="result carries no contracts")]
-    out: list[Finding] = []
+        return san + [_finding(r, "contract", "contract:missing", detail="result carries no contracts")]
+    out: list[Finding] = san
     extra = "; ".join(c.details[:3])
     if c.untouched_changed:
         out.append(_finding(r, "contract", "contract:untouched_rows", value=len(c.untouched_changed),
@@ -97,10 +108,11 @@ def judge_result(r: CaseResult, budgets: Budgets, *, as_backend: str | None = No
                             detail=f"{c.nan_where_finite} NaN/Inf where the oracle is finite"))
     if c.state_written is False:
         out.append(_finding(r, "contract", "contract:state_written", detail=extra or "state not written"))
-    for what in getattr(c, "redzone", None) or []:
-        out.append(_finding(r, "contract", "contract:redzone", detail=what))
-    for what in getattr(c, "inputs_changed", None) or []:
-        out.append(_finding(r, "contract", "contract:inputs_changed", detail=what))
+    if c.redzone:
+        out.append(_finding(r, "contract", "contract:redzone", value=len(c.redzone), detail="; ".join(c.redzone[:3])))
+    if c.inputs_modified:
+        out.append(_finding(r, "contract", "contract:inputs_modified", value=len(c.inputs_modified),
+                            detail="; ".join(c.inputs_modified[:3])))
     for chk in checks(r, budgets, as_backend=as_backend):
         v = chk.value
         if v is None or math.isinf(chk.budget):

@@ -249,20 +249,26 @@ def run(suites: list[str], backend_specs: list[str], out: Path | None = None, *,
         isolate: bool | None = None, resume: bool = False, overwrite: bool = False,
         shard: tuple[int, int] | None = None, twin_spec: str | None = "auto", progress: bool = True,
         on_result=None, jobs: int = 1, seeds: int = 1, budgets: Budgets | None = None,
-        run_root: Path = Path("runs")) -> RunOutcome:
+        run_root: Path = Path("runs"), sanitize: str | None = None) -> RunOutcome:
     """Run ``suites`` x ``backend_specs`` into a run directory (:func:`open_run_dir`).
 
     ``jobs > 1`` runs that many worker processes side by side on ``device`` (implies isolation):
     each takes whole compile-key units (:func:`gdncheck.execute.schedule`), so kernels compile in
     parallel and each once; cases start within a device-memory budget, and one that runs out of
     memory beside the others is rerun alone at the end. ``seeds > 1`` runs every case under that
-    many seeds (``seed + 1009 i``). Raises :class:`Interrupted` on Ctrl-C (results kept).
+    many seeds (``seed + 1009 i``). ``sanitize`` (memcheck, initcheck, racecheck, synccheck) runs
+    each pair in its own process under compute-sanitizer (:mod:`gdncheck.sanitize`), ``jobs`` at a
+    time. Raises :class:`Interrupted` on Ctrl-C (results kept).
     """
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
     if seeds < 1:
         raise UsageError(f"--seeds must be >= 1, got {seeds}")
     device = device or default_device()
+    if sanitize is not None:
+        from gdncheck.sanitize import require
+        require(sanitize)  # a bad tool name (exit 2) or a missing tool (exit 3) before any work
+        isolate = True
     isolate = (device.startswith("cuda") or jobs > 1) if isolate is None else isolate
     if jobs > 1 and not isolate:
         raise UsageError("--jobs > 1 runs worker processes: it cannot be combined with --no-isolate")
@@ -272,13 +278,13 @@ def run(suites: list[str], backend_specs: list[str], out: Path | None = None, *,
     rd = open_run_dir(out, resume=resume, overwrite=overwrite, root=run_root, fp=fp)
     try:
         return _run(rd, suites, backends, backend_specs, pairs, fp, device=device, isolate=isolate, shard=shard,
-                    twin_spec=twin_spec, progress=progress, on_result=on_result, jobs=jobs)
+                    twin_spec=twin_spec, progress=progress, on_result=on_result, jobs=jobs, sanitize=sanitize)
     finally:
         rd.close()
 
 
 def _run(rd: RunDir, suites, backends, backend_specs, pairs, fp, *, device, isolate, shard, twin_spec, progress,
-         on_result, jobs) -> RunOutcome:
+         on_result, jobs, sanitize=None) -> RunOutcome:
     t_start = time.perf_counter()
     res_path = rd.results
     _repair_tail(res_path)
@@ -322,7 +328,11 @@ def _run(rd: RunDir, suites, backends, backend_specs, pairs, fp, *, device, isol
             for b, c, why in settled:
                 record(b, c, CaseResult(status="unsupported", reason=why, **base_of(b, c)))
             live_pairs = [(b, c) for b, c, _ in live]
-            if isolate and live_pairs:
+            if sanitize and live_pairs:
+                from gdncheck.sanitize import run_pairs
+                run_pairs(live_pairs, specs, sanitize, record, device=device, jobs=jobs,
+                          log_dir=rd.path / "sanitizer")
+            elif isolate and live_pairs:
                 phases = _run_in_lanes(live_pairs, device, max(1, jobs), specs, twin_for, base_of, record, t_start)
             else:
                 twins: dict[str | None, Backend | None] = {None: None}

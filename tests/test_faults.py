@@ -13,6 +13,7 @@ from gdncheck.backends.faults import FAULTS, fault_cases, clean_twin
 from gdncheck.backends.twins import FlashInferTwin
 from gdncheck.inputs import materialize
 from gdncheck.oracle import expected
+from gdncheck.redzone import RedZones
 from gdncheck_reference import OUT_CALLER, ROW_UNTOUCHED, ROW_WRITTEN
 
 
@@ -44,7 +45,7 @@ def test_registry_shape():
     expected_names = {"padding_row_written", "untouched_row_modified", "beta_not_sigmoided", "beta_rounded",
                       "exp_bf16", "l2norm_missing", "layout_transposed", "cu_seqlens_off_by_one",
                       "final_state_not_written", "last_token_not_written", "gva_mapping_wrong",
-                      "int32_offset_wrap", "chunk_boundary_error"}
+                      "int32_offset_wrap", "chunk_boundary_error", "pool_row_past_end"}
     assert expected_names <= set(FAULTS)
     names = set()
     for key, factory in FAULTS.items():
@@ -91,9 +92,11 @@ def test_fault_is_live(fault, cases_and_clean):
     b = FAULTS[fault]()
     hits = []
     for case, inp, clean in cases_and_clean:
-        res = b.run(inp.clone())
+        with RedZones() as rz:  # as the runner calls it: a write outside the buffers is a change too
+            res = b.run(rz.guard_inputs(inp))
         diff = [k for k, a, c in (("o", res.o, clean.o), ("state", res.state, clean.state),
                                   ("intermediate", res.intermediate, clean.intermediate)) if not _same(a, c)]
+        diff += [f"red zone {v.tensor}/{v.side}" for v in rz.check()]
         if diff:
             hits.append((case.name, diff))
     assert hits, f"{fault}: no case of fault_cases() changes any output"

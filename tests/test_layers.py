@@ -8,11 +8,11 @@ PKG = Path(__file__).resolve().parents[1] / "gdncheck"
 # bottom to top (issue: schemas, then oracle and metrics, the judge, execution, workflows, rendering, CLI)
 LAYERS = [
     ("data", ["gdncheck", "gdncheck.data", "gdncheck.progress"]),
-    ("inputs", ["gdncheck.suites", "gdncheck.inputs", "gdncheck.budgets"]),
+    ("inputs", ["gdncheck.suites", "gdncheck.inputs", "gdncheck.budgets", "gdncheck.redzone"]),
     ("oracle and metrics", ["gdncheck.oracle", "gdncheck.metrics", "gdncheck.strategies"]),
     ("judge", ["gdncheck.judge"]),
     ("backends", ["gdncheck.backends"]),
-    ("execution", ["gdncheck.execute", "gdncheck.redzone", "gdncheck.sanitize", "gdncheck.shard"]),
+    ("execution", ["gdncheck.execute", "gdncheck.sanitize", "gdncheck.shard"]),
     ("workflows", ["gdncheck.run", "gdncheck.gate", "gdncheck.fuzz", "gdncheck.repro", "gdncheck.ablate",
                    "gdncheck.drift", "gdncheck.bench", "gdncheck.explain"]),
     ("rendering", ["gdncheck.report"]),

@@ -210,10 +210,41 @@ class IntermediateNotCached(_Fault):
         return None
 
 
+class PoolRowPastEnd(_Fault):
+    """After the pool writes, the last written state is also stored one row past the pool's last
+    slot (``pool[P]``); mirrors a slot index computed one too high (or a scratch buffer sized by
+    sequence count but indexed by slot) writing outside the allocation.
+
+    Every row the call may touch stays right, so only a red zone sees it: the row past the end
+    is reached through the pool's storage, which under red zones is the guard after the pool.
+    Without room in the storage (a plain allocation) the write is skipped, as a real kernel's
+    would land unseen in allocator slack or another tensor.
+    """
+
+    fault = "pool_row_past_end"
+
+    def _after(self, inputs: Inputs, pool: torch.Tensor, plan: Plan, S: torch.Tensor) -> None:
+        c = inputs.case
+        wn = [d for d in plan.dst if d is not None]
+        if c.pool_size is None or not wn or pool is not inputs.state:
+            return
+        off = pool.storage_offset() + pool.shape[0] * pool.stride(0)
+        need = (off + _span(pool[0])) * pool.element_size()
+        if need > pool.untyped_storage().nbytes():
+            return
+        past = torch.as_strided(pool, pool.shape[1:], pool.stride()[1:], off)
+        past.copy_(pool[self._slot(c, wn[-1])])
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements of storage a non-empty view spans from its first element."""
+    return 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
 _CLASSES = [PaddingRowWritten, UntouchedRowModified, BetaNotSigmoided, BetaRounded, ExpBf16,
             L2NormMissing, LayoutTransposed, CuSeqlensOffByOne, FinalStateNotWritten,
             LastTokenNotWritten, GvaMappingWrong, Int32OffsetWrap, ChunkBoundaryError,
-            IntermediateNotCached]
+            IntermediateNotCached, PoolRowPastEnd]
 
 #: fault name -> factory of the faulty backend
 FAULTS: dict[str, Callable[[], Backend]] = {cls.fault: cls for cls in _CLASSES}

@@ -24,6 +24,7 @@ from importlib.metadata import version as _pkg_version
 
 import torch
 
+from gdncheck import redzone
 from gdncheck.backends.base import Backend, Capabilities, Outputs
 from gdncheck.data.case import Case
 from gdncheck.inputs import DTYPES, Inputs
@@ -167,7 +168,7 @@ class _FLABase(Backend):
         if any(padded):
             work.append("padding policy 'skip' applied by adapter (padded rows: zero state in, "
                         "zero output, no write)")
-        h0 = torch.zeros((N, *sshape), dtype=pool.dtype, device=pool.device)
+        h0 = redzone.empty_guarded("initial_state (gathered h0)", (N, *sshape), pool.dtype, pool.device, fill=0.0)
         live = [n for n in range(N) if not padded[n]]
         if live:
             h0[live] = pool[torch.tensor([reads[n] for n in live], device=pool.device)]

@@ -24,6 +24,7 @@ from importlib.metadata import version as _pkg_version
 
 import torch
 
+from gdncheck import redzone
 from gdncheck.backends.base import Backend, Capabilities, Outputs
 from gdncheck.data.case import Case
 from gdncheck.inputs import Inputs
@@ -149,7 +150,7 @@ class FlashInferPrefill(_FlashInferBase):
             idx = inputs.read_indices
         else:
             state_in = inputs.state
-            state_out = torch.full_like(inputs.state, float("nan"))
+            state_out = redzone.full_like_guarded(inputs.state, float("nan"), "output_state")
             idx = None
         route = self.route(c)
         with warnings.catch_warnings(record=True) as caught:
@@ -266,8 +267,8 @@ class FlashInferDecode(_FlashInferBase):
         if c.T > 1:
             kw.update(disable_state_update=c.disable_state_update)
             if c.intermediate:
-                inter = torch.full(inputs.intermediate.shape, float("nan"), dtype=inputs.state.dtype,
-                                   device=inputs.state.device)
+                inter = redzone.empty_guarded("intermediate_states_buffer", inputs.intermediate.shape,
+                                              inputs.state.dtype, inputs.state.device, fill=float("nan"))
                 kw.update(intermediate_states_buffer=inter)
         o, _ = gated_delta_rule_decode_pretranspose(**kw)
         if o.data_ptr() != inputs.out.data_ptr():
@@ -362,7 +363,8 @@ class FlashInferMTP(_FlashInferBase):
         inter = None
         if self.intermediate_mode == "ssm":
             P = pool.shape[0]
-            ext = torch.empty((P + B * T, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+            ext = redzone.empty_guarded("extended pool (ssm_state_indices)", (P + B * T, *pool.shape[1:]),
+                                        pool.dtype, pool.device)
             ext[:P].copy_(pool)
             ext[P:].fill_(float("nan"))
             ssm = (P + torch.arange(B * T, dtype=torch.int32, device=pool.device)).view(B, T)

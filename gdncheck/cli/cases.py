@@ -117,6 +117,7 @@ def repro_cmd(
     device: Annotated[Optional[str], typer.Option(help="device of the inputs (default: cuda for CUDA backends, else cpu)")] = None,
     budgets: Annotated[Optional[list[Path]], typer.Option("--budgets", help="TOML merged over the shipped budgets")] = None,
     twin: Annotated[bool, typer.Option("--twin/--no-twin", help="judge against the backend's precision twin")] = True,
+    sanitize: Annotated[Optional[str], typer.Option("--sanitize", help="run each backend in its own process under compute-sanitizer --tool memcheck|initcheck|racecheck|synccheck")] = None,
 ) -> None:
     """Rebuild one case's inputs, print their digest, run backends, print metrics beside budgets (exit 1 on a failure)."""
     from gdncheck.backends import load_backend
@@ -131,6 +132,11 @@ def repro_cmd(
     specs = backend or ["twin-fla", "twin-flashinfer"]
     backends = [load_backend(s) for s in specs]
     dev = device or ("cuda" if any(b.caps.device.startswith("cuda") for b in backends) else "cpu")
+    if sanitize:  # the child process builds the inputs
+        if load is not None or save is not None:
+            raise UsageError("--sanitize rebuilds the case from its id in the child process: not with --load/--save")
+        _repro_sanitized(find_case(case, results), specs, sanitize, dev, bud)
+        return
     inputs = load_bundle(load, dev) if load is not None else materialize(find_case(case, results), dev)
     c = inputs.case
     digest = inputs_digest(inputs)
@@ -149,3 +155,25 @@ def repro_cmd(
         raise typer.Exit(1)
     if not judged:
         raise EnvironmentProblem("no backend could run this case here: nothing was judged")
+
+
+def _repro_sanitized(case, specs: list[str], tool: str, device: str, budgets) -> None:
+    """``repro --sanitize``: each backend in its own process under compute-sanitizer; prints the
+    parsed findings and the judge's verdict; exit 1 on a failure (any error the tool counted)."""
+    from gdncheck import sanitize as S
+    from gdncheck.judge import judge_result
+
+    S.require(tool)
+    failed = False
+    for spec in specs:
+        r = S.sanitize_case(spec, case, tool, device=device)
+        s = r.sanitizer
+        print(f"{r.backend}: status {r.status}; {tool}: {s.errors} errors, {s.warnings} warnings"
+              + (f" ({s.summary})" if s.summary else ""))
+        for f in s.findings:
+            print(f"  [{f.severity}] {f.summary()}")
+        if judge_result(r, budgets):
+            failed = True
+            print(f"FAIL {r.backend}: {r.repro}")
+    if failed:
+        raise typer.Exit(1)

@@ -61,6 +61,7 @@ def gate_cmd(
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="exit 0 rather than 3 when nothing was judged")] = False,
     judge_: Annotated[bool, typer.Option("--judge/--no-judge", hidden=True)] = True,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+    sanitize: Annotated[Optional[str], typer.Option("--sanitize", help="each case in its own process under compute-sanitizer --tool memcheck|initcheck|racecheck|synccheck (e.g. --tier sanitize)")] = None,
 ) -> None:
     """Pre-merge precision gate: run a tier, judge budgets, contracts, evidence and a baseline. Exit 0/1/2/3."""
     from gdncheck.budgets import load_budgets
@@ -91,14 +92,15 @@ def gate_cmd(
     o = gate(suites, specs, b, out, baseline=baseline, factor=regress_factor, min_overlap=min_overlap, shard=sh,
              gpus=gpus, jobs=jobs, device=device or "cpu", require=list(require or []), results=results,
              resume=resume, overwrite=overwrite, progress=progress, allow_empty=allow_empty, seeds=seeds or 1,
-             judge=judge_)
+             judge=judge_, sanitize=sanitize)
     if not judge_:
         raise typer.Exit(0)
     v = o.verdict
     where = (out or o.results.parent)
     where.mkdir(parents=True, exist_ok=True)
     extra = {"suites": suites, "results": str(o.results), "budgets": b.files,
-             "baseline": str(baseline) if baseline else None, "shard": shard, "jobs": jobs, "wall_s": o.wall_s}
+             "baseline": str(baseline) if baseline else None, "shard": shard, "jobs": jobs, "sanitize": sanitize,
+             "wall_s": o.wall_s}
     (where / "gate.json").write_text(json.dumps({**extra, **v.model_dump(mode="json")}, indent=1) + "\n")
     (where / "gate.md").write_text(verdict_markdown(v, title="gdncheck precision gate"))
     say(verdict_text(v, title="gate"))

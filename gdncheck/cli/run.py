@@ -46,6 +46,7 @@ def run_cmd(
     allow_empty: Annotated[bool, typer.Option("--allow-empty", help="exit 0 rather than 3 when nothing was judged")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
     jobs: Annotated[int, typer.Option("--jobs", "-j", help="worker processes side by side on the device")] = 1,
+    sanitize: Annotated[Optional[str], typer.Option("--sanitize", help="each case in its own process under compute-sanitizer --tool memcheck|initcheck|racecheck|synccheck")] = None,
 ) -> None:
     """Run suites x backends against the float64 oracle and judge them (exit 0 pass, 1 fail, 2 usage, 3 nothing judged)."""
     from gdncheck.budgets import load_budgets
@@ -55,6 +56,7 @@ def run_cmd(
     device = resolve_device(device)
     specs = backend_specs(backend, device)
     outcome = run(suite or ["smoke"], specs, out, device=device, isolate=isolate, resume=resume,
-                  overwrite=overwrite, shard=parse_shard(shard), progress=progress, jobs=jobs, seeds=seeds, budgets=b)
+                  overwrite=overwrite, shard=parse_shard(shard), progress=progress, jobs=jobs, seeds=seeds, budgets=b,
+                  sanitize=sanitize)
     say(f"run {outcome.header.run_id}: {outcome.ran} results in {outcome.wall_s:.1f} s -> {outcome.dir.results}")
     raise typer.Exit(render_run(outcome.dir.results, outcome.dir.path, b, render=render, allow_empty=allow_empty))

@@ -52,11 +52,16 @@ class Contracts(BaseModel):
     nan_where_finite: int = Field(0, description="NaN/Inf where the oracle is finite")
     state_written: bool | None = Field(None, description="final state / pool rows written where the API says")
     details: list[str] = Field(default_factory=list, description="what failed, in words")
+    redzone: list[str] = Field(default_factory=list, description=(
+        "guards around the backend's buffers that changed: tensor, side (before/after/hole), first offset"))
+    inputs_modified: list[str] = Field(default_factory=list, description=(
+        "input-only tensors (q, k, v, gates, indices) not bit-identical after the call"))
 
     @property
     def ok(self) -> bool:
         return (not self.untouched_changed and self.padded_ok is not False and self.unwritten == 0
-                and self.nan_where_finite == 0 and self.state_written is not False)
+                and self.nan_where_finite == 0 and self.state_written is not False
+                and not self.redzone and not self.inputs_modified)
 
 
 class Timing(BaseModel):
@@ -66,6 +71,53 @@ class Timing(BaseModel):
     wall_s: float | None = Field(None, description="the whole case in its worker: inputs, kernel, oracle, twin, metrics")
     start_s: float | None = Field(None, description="seconds from the run's start to the case's start (parallel runs)")
     peak_gib: float | None = Field(None, description="peak device memory the worker allocated for the case (CUDA)")
+
+
+class SanitizerFinding(BaseModel):
+    """One error or warning of compute-sanitizer, parsed from its report (``gdncheck.sanitize``)."""
+
+    severity: Literal["error", "warning", "note"] = "error"
+    kind: str = Field("", description="e.g. 'Invalid __global__ write', 'Uninitialized __global__ memory read', "
+                                      "'race Write/Read', 'api cudaErrorIllegalAddress'")
+    access: str | None = Field(None, description="read, write or atomic")
+    space: str | None = Field(None, description="global, shared, local, generic")
+    size: int | None = Field(None, description="bytes per access")
+    kernel: str | None = None
+    location: str | None = Field(None, description="source file:line or kernel+offset the tool names")
+    thread: list[int] | None = None
+    block: list[int] | None = None
+    address: str | None = None
+    address_note: str | None = Field(None, description="what the tool says of the address: out of bounds, misaligned...")
+    nearest_allocation: str | None = Field(None, description="'N bytes after|before the nearest allocation at 0x.. of size M'")
+    buffer: str | None = Field(None, description="the address relative to the case's named buffers, where it maps")
+    hazards: int | None = Field(None, description="racecheck: hazards of this report line")
+    text: str = Field("", description="the report's lines of this finding (host backtrace left out)")
+
+    def summary(self) -> str:
+        parts = [self.kind or "finding"]
+        if self.size:
+            parts[0] += f" of size {self.size}"
+        if self.kernel:
+            parts.append(f"in {self.kernel[:80]}")
+        if self.thread and self.block:
+            parts.append(f"thread {tuple(self.thread)} block {tuple(self.block)}")
+        if self.address:
+            parts.append(f"at {self.address}" + (f" ({self.buffer})" if self.buffer else ""))
+        return " ".join(parts)
+
+
+class SanitizerReport(BaseModel):
+    """compute-sanitizer's verdict on one case run in its own process under ``--tool``."""
+
+    tool: str
+    command: str = ""
+    exit_code: int | None = None
+    errors: int = Field(0, description="errors the tool counted (ERROR SUMMARY), at least the parsed ones")
+    warnings: int = 0
+    summary: str = Field("", description="the tool's summary line")
+    findings: list[SanitizerFinding] = Field(default_factory=list)
+    dropped: int = Field(0, description="findings parsed but not kept (over the cap)")
+    log: str | None = Field(None, description="file with the whole report")
 
 
 class CaseResult(BaseModel):
@@ -88,6 +140,7 @@ class CaseResult(BaseModel):
     worker: str = ""
     repro: str = ""
     extra: dict[str, Any] = Field(default_factory=dict)
+    sanitizer: SanitizerReport | None = Field(None, description="set when the case ran under compute-sanitizer")
 
 
 class Environment(BaseModel):

@@ -9,7 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-FindingKind = Literal["status", "contract", "budget", "missing", "now-fails", "regression", "now-passes", "improved"]
+FindingKind = Literal["status", "contract", "sanitizer", "budget", "missing", "now-fails", "regression", "now-passes",
+                      "improved"]
 
 
 class Finding(BaseModel):

@@ -123,7 +123,9 @@ def fingerprint(backends: list[Backend], pairs: list[tuple[Backend, Case]], budg
 # ---------------------------------------------------------------- run directories
 
 def new_run_id() -> str:
-    return time.strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    """Sorts by start time (to the millisecond), then a random tail against clashes."""
+    t = time.time()
+    return time.strftime("%Y%m%d-%H%M%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}-" + uuid.uuid4().hex[:4]
 
 
 @dataclass

@@ -28,7 +28,16 @@ BUILTIN: dict[str, str] = {
     "flashinfer-prefill-chunk": "gdncheck.backends.flashinfer:prefill_chunk",
     "flashinfer-mtp": "gdncheck.backends.flashinfer:FlashInferMTP",
     "flashinfer-mtp-ssm": "gdncheck.backends.flashinfer:mtp_ssm",
-    "sglang": "gdncheck.backends.sglang:SGLangTriton",
+    "sglang-decode": "gdncheck.backends.sglang:SGLangPackedDecode",
+    "sglang-fused-sigmoid": "gdncheck.backends.sglang:SGLangFusedSigmoid",
+    "sglang-extend": "gdncheck.backends.sglang:SGLangExtend",
+    "sglang-decode-interp": "gdncheck.backends.sglang:SGLangPackedDecodeInterp",
+    "sglang-fused-sigmoid-interp": "gdncheck.backends.sglang:SGLangFusedSigmoidInterp",
+    "vllm-decode": "gdncheck.backends.vllm:VLLMPackedDecode",
+    "vllm-fused-sigmoid": "gdncheck.backends.vllm:VLLMFusedSigmoid",
+    "vllm-chunk": "gdncheck.backends.vllm:VLLMChunk",
+    "vllm-decode-interp": "gdncheck.backends.vllm:VLLMPackedDecodeInterp",
+    "vllm-fused-sigmoid-interp": "gdncheck.backends.vllm:VLLMFusedSigmoidInterp",
 }
 
 
@@ -81,5 +90,6 @@ def default_backends(gpu: bool) -> list[str]:
     if gpu:
         return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent", "flashinfer-prefill",
                 "flashinfer-prefill-cp", "flashinfer-prefill-chunk", "flashinfer-decode",
-                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang"]
+                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang-decode", "sglang-fused-sigmoid",
+                "sglang-extend", "vllm-decode", "vllm-fused-sigmoid", "vllm-chunk"]
     return ["twin-fla", "twin-flashinfer", "fla-interp"]

@@ -28,6 +28,7 @@ BUILTIN: dict[str, str] = {
     "flashinfer-prefill-chunk": "gdncheck.backends.flashinfer:prefill_chunk",
     "flashinfer-mtp": "gdncheck.backends.flashinfer:FlashInferMTP",
     "flashinfer-mtp-ssm": "gdncheck.backends.flashinfer:mtp_ssm",
+    "twin-fla-beta-bf16": "gdncheck.backends.sglang:twin_beta_bf16",
     "sglang-decode": "gdncheck.backends.sglang:SGLangPackedDecode",
     "sglang-fused-sigmoid": "gdncheck.backends.sglang:SGLangFusedSigmoid",
     "sglang-extend": "gdncheck.backends.sglang:SGLangExtend",

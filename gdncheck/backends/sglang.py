@@ -28,7 +28,8 @@ Paths (``gdncheck.backends.engines`` loads the kernel modules without SGLang's s
   no write -> output computed, declared ``null_slot`` as above.
 
 ``*-interp`` variants run the same calls on the CPU under ``TRITON_INTERPRET=1`` (K, V <= 64).
-The precision twin is ``twin-fla`` (recurrent fp32 state, fp32 gates).
+Precision twins: ``twin-fla`` (recurrent fp32 state, fp32 gates) for fused_sigmoid,
+``twin-fla-beta-bf16`` (the same with beta rounded to bf16) for the packed decode and extend.
 """
 from __future__ import annotations
 
@@ -66,6 +67,15 @@ def _one_slot(be, case: Case) -> str | None:
     return None
 
 
+def twin_beta_bf16():
+    """FLA's twin with beta rounded to bf16: SGLang's packed decode and ``fused_gdn_gating``."""
+    from gdncheck.backends.twins import FLATwin
+
+    t = FLATwin(beta_dtype="bfloat16")
+    t.name = t.twin = "twin-fla-beta-bf16"
+    return t
+
+
 class SGLangPackedDecode(EngineBackend):
     """``fused_recurrent_gated_delta_rule_packed_decode``: SGLang's production decode (T = 1)."""
 
@@ -73,7 +83,7 @@ class SGLangPackedDecode(EngineBackend):
     family = "sglang"
     pkg = "sglang"
     modules = (_FR,)
-    twin = "twin-fla"
+    twin = "twin-fla-beta-bf16"
     caps = _RECURRENT_CAPS.model_copy(update={"ops": {"decode"}, "intermediate": False,
                                               "disable_state_update": False, "padding": {"skip"},
                                               "l2norm": {True}})
@@ -166,7 +176,7 @@ class SGLangExtend(EngineBackend):
     family = "sglang"
     pkg = "sglang"
     modules = (_GATING, _CHUNK)
-    twin = "twin-fla"
+    twin = "twin-fla-beta-bf16"
     caps = Capabilities(
         ops={"prefill"}, dtypes={"bfloat16"}, state_dtypes={"float32", "bfloat16"}, layouts={"k_last"},
         gva=True, gqa=False, varlen=True, pool=True, strided_pool=False, strided_gates=True,

@@ -9,9 +9,12 @@ probes from ``sglang.srt.utils``; vLLM's Triton ops import only light modules (`
   import (``is_cuda``, ``get_device_sm``, ``is_arch_support_pdl``, ...) with equivalents computed
   from torch; the kernel files themselves are the installed ones, unmodified. A process that had
   already imported the real ``sglang`` keeps it.
-- vLLM: imports ``vllm.third_party.flash_linear_attention.ops`` normally. On a machine without a
-  CUDA driver it hides the devices while vLLM probes its Triton drivers (else vLLM swaps Triton
-  for placeholders) and forces the first autotune config (``VLLM_TRITON_FORCE_FIRST_CONFIG``).
+- vLLM: imports ``vllm.third_party.flash_linear_attention.ops`` normally, with
+  ``vllm.platforms.current_platform`` set to a stub answering the ops' device probes from torch
+  (vLLM's CUDA platform would import its 90 MB compiled extension for them). On a machine
+  without a CUDA driver it hides the devices while vLLM probes its Triton drivers (else vLLM
+  swaps Triton for placeholders); under the interpreter it forces the first autotune config
+  (``VLLM_TRITON_FORCE_FIRST_CONFIG``).
 
 A moved package layout fails with one line naming the missing module path
 (:class:`EngineUnavailable`). Under ``TRITON_INTERPRET=1`` the interpreter fixes of
@@ -140,12 +143,50 @@ def _sglang_prepare() -> None:
 
 # --------------------------------------------------------------------------- vLLM
 
+def _vllm_platform():
+    """A ``vllm.platforms.interface.Platform`` answering the ops' device probes from torch.
+
+    vLLM's own CUDA platform imports ``vllm._C_stable_libtorch`` (a 90 MB extension built for
+    vLLM's torch pin) at import time just to exist; the GDN kernels never call into it."""
+    from vllm.platforms import interface as itf
+
+    cuda = bool(torch.cuda.is_available() and torch.version.cuda)
+    cap = _cuda_cap()
+
+    class GDNCheckPlatform(itf.Platform):
+        _enum = itf.PlatformEnum.CUDA if cuda else itf.PlatformEnum.UNSPECIFIED
+        device_name = "cuda" if cuda else "cpu"
+        device_type = "cuda" if cuda else "cpu"
+
+        @classmethod
+        def get_device_capability(cls, device_id: int = 0):
+            return itf.DeviceCapability(*cap) if cuda else None
+
+        @classmethod
+        def is_pin_memory_available(cls) -> bool:
+            return cuda
+
+        @classmethod
+        def is_arch_support_pdl(cls) -> bool:
+            return cuda and cap[0] >= 9
+
+    return GDNCheckPlatform()
+
+
 def _vllm_prepare() -> None:
     root = _root("vllm")
     _need_dir("vllm", root, VLLM_OPS)
     if VLLM_OPS in sys.modules:
         return
     os.environ.setdefault("VLLM_TRITON_FORCE_FIRST_CONFIG", "1" if interpreting() else "0")
+    with _vllm_env():
+        try:
+            plat = importlib.import_module("vllm.platforms")
+        except Exception as e:  # noqa: BLE001 - one line, like every loader failure
+            raise EngineUnavailable(f"vllm {engine_version('vllm')}: cannot import vllm.platforms: "
+                                    f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        if getattr(plat, "_current_platform", None) is None:
+            plat._current_platform = _vllm_platform()
 
 
 @contextlib.contextmanager

@@ -235,7 +235,9 @@ def test_wrong_layout_fails_the_gate(name):
 # --------------------------------------------------------------------- CUDA-only paths on the CPU
 
 @pytest.mark.parametrize("name", ["sglang-decode", "sglang-fused-sigmoid", "sglang-extend",
-                                  "vllm-decode", "vllm-fused-sigmoid", "vllm-chunk"])
+                                  "sglang-flashinfer-decode", "sglang-flashinfer-extend",
+                                  "sglang-flashinfer-verify", "vllm-decode", "vllm-fused-sigmoid",
+                                  "vllm-chunk", "vllm-flashinfer-prefill"])
 def test_cuda_paths_are_cleanly_unavailable_here(name):
     _need(name.split("-")[0])
     if torch.cuda.is_available():

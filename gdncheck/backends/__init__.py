@@ -34,6 +34,10 @@ BUILTIN: dict[str, str] = {
     "sglang-extend": "gdncheck.backends.sglang:SGLangExtend",
     "sglang-decode-interp": "gdncheck.backends.sglang:SGLangPackedDecodeInterp",
     "sglang-fused-sigmoid-interp": "gdncheck.backends.sglang:SGLangFusedSigmoidInterp",
+    "sglang-flashinfer-decode": "gdncheck.backends.engine_flashinfer:SGLangFlashInferDecode",
+    "sglang-flashinfer-extend": "gdncheck.backends.engine_flashinfer:SGLangFlashInferExtend",
+    "sglang-flashinfer-verify": "gdncheck.backends.engine_flashinfer:SGLangFlashInferVerify",
+    "vllm-flashinfer-prefill": "gdncheck.backends.engine_flashinfer:VLLMFlashInferPrefill",
     "vllm-decode": "gdncheck.backends.vllm:VLLMPackedDecode",
     "vllm-fused-sigmoid": "gdncheck.backends.vllm:VLLMFusedSigmoid",
     "vllm-chunk": "gdncheck.backends.vllm:VLLMChunk",
@@ -92,5 +96,7 @@ def default_backends(gpu: bool) -> list[str]:
         return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent", "flashinfer-prefill",
                 "flashinfer-prefill-cp", "flashinfer-prefill-chunk", "flashinfer-decode",
                 "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang-decode", "sglang-fused-sigmoid",
-                "sglang-extend", "vllm-decode", "vllm-fused-sigmoid", "vllm-chunk"]
+                "sglang-extend", "sglang-flashinfer-decode", "sglang-flashinfer-extend",
+                "sglang-flashinfer-verify", "vllm-decode", "vllm-fused-sigmoid", "vllm-chunk",
+                "vllm-flashinfer-prefill"]
     return ["twin-fla", "twin-flashinfer", "fla-interp"]

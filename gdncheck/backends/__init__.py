@@ -34,6 +34,7 @@ BUILTIN: dict[str, str] = {
     "sglang-extend": "gdncheck.backends.sglang:SGLangExtend",
     "sglang-decode-interp": "gdncheck.backends.sglang:SGLangPackedDecodeInterp",
     "sglang-fused-sigmoid-interp": "gdncheck.backends.sglang:SGLangFusedSigmoidInterp",
+    "sglang-extend-interp": "gdncheck.backends.sglang:SGLangExtendInterp",
     "sglang-flashinfer-decode": "gdncheck.backends.engine_flashinfer:SGLangFlashInferDecode",
     "sglang-flashinfer-extend": "gdncheck.backends.engine_flashinfer:SGLangFlashInferExtend",
     "sglang-flashinfer-verify": "gdncheck.backends.engine_flashinfer:SGLangFlashInferVerify",
@@ -43,6 +44,7 @@ BUILTIN: dict[str, str] = {
     "vllm-chunk": "gdncheck.backends.vllm:VLLMChunk",
     "vllm-decode-interp": "gdncheck.backends.vllm:VLLMPackedDecodeInterp",
     "vllm-fused-sigmoid-interp": "gdncheck.backends.vllm:VLLMFusedSigmoidInterp",
+    "vllm-chunk-interp": "gdncheck.backends.vllm:VLLMChunkInterp",
 }
 
 

@@ -274,16 +274,23 @@ def interpreter_fixes(pkg: str) -> list[str]:
       ``tl``, so an alias called from a kernel misses its builder; aliases become ``@triton.jit``
       wrappers;
     - autotuners with several configs benchmark on a device ("0 active drivers"): keep the first;
+    - ``for i_t in range(NT)`` then ``i_t.to(tl.int64)`` (``chunk_delta_h``): the interpreter's loop
+      variable is a Python int; that module's ``range`` yields scalar tensors instead;
     - FLA's device-context helper (``custom_device_ctx``) enters ``torch.cuda.device``: a no-op
-      context on the CPU.
+      context on the CPU;
+    - ``tl.dot`` on bf16 operands: the interpreter stores bf16 as uint16 and multiplies the raw
+      bit patterns; the operands are widened to fp32 first (exact). This one is the interpreter's
+      own builder, so it holds for every interpreted kernel of the process (:func:`fix_bf16_dot`).
     """
     if not interpreting():
         return []
     import triton
     from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import KernelInterface
 
     from gdncheck.backends import _interp_ops as ops
 
+    fix_bf16_dot()
     base = {"sglang": SGLANG_OPS, "vllm": VLLM_OPS}[pkg]
     wrappers = {id(getattr(triton.language, n)): getattr(ops, n)
                 for n in ops.WRAPPED if hasattr(triton.language, n)}
@@ -295,14 +302,48 @@ def interpreter_fixes(pkg: str) -> list[str]:
             if id(val) in wrappers and not attr.startswith("__"):
                 setattr(mod, attr, wrappers[id(val)])
                 done.append(f"{name}.{attr}: tl alias -> jit wrapper")
-            elif isinstance(val, Autotuner) and len(val.configs) > 1:
-                val.configs = val.configs[:1]
-                done.append(f"{name}.{attr}: first autotune config")
+            else:
+                fn, depth = val, 0
+                while isinstance(fn, KernelInterface) and depth < 4:  # heuristics / autotune nest via .fn
+                    if isinstance(fn, Autotuner) and len(fn.configs) > 1:
+                        fn.configs = fn.configs[:1]
+                        done.append(f"{name}.{attr}: first autotune config")
+                    fn, depth = getattr(fn, "fn", None), depth + 1
+        if name.rpartition(".")[2] == "chunk_delta_h" and "range" not in vars(mod):
+            mod.range = ops.tensor_range
+            done.append(f"{name}.range: loop variable as a tensor")
         if hasattr(mod, "custom_device_ctx") and not torch.cuda.is_available():
             mod.custom_device_ctx = lambda index: contextlib.nullcontext()
             done.append(f"{name}.custom_device_ctx: no-op on the CPU")
         _FIXED.add(name)
     return done
+
+
+def fix_bf16_dot() -> bool:
+    """Widen bf16 ``tl.dot`` operands to fp32 in Triton's interpreter (idempotent; True if patched
+    now). Under ``TRITON_INTERPRET=1`` only."""
+    if not interpreting():
+        return False
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter as itp
+
+    builder = itp.InterpreterBuilder
+    if getattr(builder.create_dot, "_gdncheck_bf16", False):
+        return False
+    orig = builder.create_dot
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+            widen = lambda h: itp.TensorHandle(  # noqa: E731
+                itp._convert_float(h.data, h.dtype, tl.float32, None).view(np.float32), tl.float32) \
+                if h.dtype == tl.bfloat16 else h
+            a, b = widen(a), widen(b)
+        return orig(self, a, b, d, input_precision, max_num_imprecise_acc)
+
+    create_dot._gdncheck_bf16 = True
+    builder.create_dot = create_dot
+    return True
 
 
 # ------------------------------------------------------------------ backend base

@@ -227,3 +227,12 @@ class SGLangFusedSigmoidInterp(SGLangFusedSigmoid):
     name = "sglang-fused-sigmoid-interp"
     interp = True
     caps = SGLangFusedSigmoid.caps.model_copy(update={"device": "cpu"})
+
+
+class SGLangExtendInterp(SGLangExtend):
+    """``sglang-extend`` under Triton's CPU interpreter (CI), with the chunk fixes of
+    :func:`gdncheck.backends.engines.interpreter_fixes` (bf16 dots, first autotune config)."""
+
+    name = "sglang-extend-interp"
+    interp = True
+    caps = SGLangExtend.caps.model_copy(update={"device": "cpu"})

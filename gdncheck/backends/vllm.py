@@ -245,3 +245,13 @@ class VLLMFusedSigmoidInterp(VLLMFusedSigmoid):
     name = "vllm-fused-sigmoid-interp"
     interp = True
     caps = VLLMFusedSigmoid.caps.model_copy(update={"device": "cpu"})
+
+
+class VLLMChunkInterp(VLLMChunk):
+    """``vllm-chunk`` under Triton's CPU interpreter (CI), with the chunk fixes of
+    :func:`gdncheck.backends.engines.interpreter_fixes` (bf16 dots, first autotune config,
+    the loop variable of ``chunk_delta_h`` as a tensor)."""
+
+    name = "vllm-chunk-interp"
+    interp = True
+    caps = VLLMChunk.caps.model_copy(update={"device": "cpu"})

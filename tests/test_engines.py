@@ -225,7 +225,7 @@ class _WrongLayout:
 
     def run(self, inputs):
         st = inputs.state
-        st.copy_(st.transpose(-1, -2).reshape(st.shape))  # K = V here: same shape, wrong order
+        st.copy_(st.transpose(-1, -2).contiguous())  # K = V here: same shape, wrong order
         return self.inner.run(inputs)
 
 
@@ -239,6 +239,7 @@ def test_wrong_layout_fails_the_gate(name):
 
     wrong = _WrongLayout(be)
     res, _ = run_inputs(wrong, materialize(case))
+    assert res.status == "ok", res.reason  # the kernel ran; the gate must catch it by its numbers
     findings = gate.judge(res, BUDGETS)
     assert findings, f"{name}: the transposed pool passed the gate"
     assert max(f.severity for f in findings) > 100
@@ -394,3 +395,24 @@ def test_chunk_interpreter_fixes_are_needed(mode, name):
         assert status != "ok" or float(floors) > 1e3, line[0]
     else:
         assert status == "error" and "to" in line[0], line[0]
+
+
+# ------------------------------------------------------------------ engine-path parity
+
+def test_parity_helper_on_two_cpu_paths():
+    """The parity helper on two CPU-runnable SGLang decode paths (packed vs fused sigmoid): each
+    within the output budget of the oracle, their mutual distance bounded by the triangle
+    inequality; a transposed pool on one side shows up as a large mutual distance."""
+    from gdncheck.engine_parity import compare
+
+    a, b = _backend("sglang-decode-interp"), _backend("sglang-fused-sigmoid-interp")
+    for seed in (2, 13):
+        case = _small(op="decode", seqlens=[1] * 3, pool_size=5, read_indices=[4, 1, 3], seed=seed)
+        r = compare(a, b, case, device="cpu")
+        o = r["o"]
+        assert o["a_oracle"] <= 8 and o["b_oracle"] <= 8, r
+        assert 0 < o["a_b"] <= o["a_oracle"] + o["b_oracle"] + 1e-9, r
+        assert r["state"]["a_b"] > 0
+    case = _small(op="decode", seqlens=[1] * 2, K=16, V=16, pool_size=4, read_indices=[2, 3], seed=7)
+    bad = compare(a, _WrongLayout(b), case, device="cpu")
+    assert bad["o"]["a_b"] > 100, bad

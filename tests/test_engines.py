@@ -416,3 +416,16 @@ def test_parity_helper_on_two_cpu_paths():
     case = _small(op="decode", seqlens=[1] * 2, K=16, V=16, pool_size=4, read_indices=[2, 3], seed=7)
     bad = compare(a, _WrongLayout(b), case, device="cpu")
     assert bad["o"]["a_b"] > 100, bad
+
+
+@pytest.mark.parametrize("name,op,why", [
+    ("sglang-flashinfer-decode", "decode", "last slot"), ("sglang-flashinfer-extend", "prefill", "last slot"),
+    ("vllm-flashinfer-prefill", "prefill", "null block")])
+def test_engine_flashinfer_padding_is_refused_with_its_reason(name, op, why):
+    """SGLang's FlashInfer decode/extend send -1 to the pool's last slot (torch indexing, or an
+    explicit remap): no gdncheck policy names that slot, so padded cases are refused, saying so."""
+    _need(name.split("-")[0])
+    seqlens = [1] * 3 if op == "decode" else [5, 3, 4]
+    case = Case(op=op, seqlens=seqlens, gate_source="raw", pool_size=5, read_indices=[1, -1, 3])
+    reason = load_backend(name).supports(case)
+    assert reason and why in reason, reason

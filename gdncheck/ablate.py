@@ -42,10 +42,10 @@ from typing import Annotated, Optional
 
 import numpy as np
 import torch
-import typer
 
 from gdncheck.backends import Backend, load_backend
-from gdncheck.cases import DTYPES, Case, Inputs, inputs_digest, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import DTYPES, Inputs, inputs_digest, materialize
 from gdncheck.drift import logit_argmax
 
 _SHORT = {"bf16": "bfloat16", "fp16": "float16", "bfloat16": "bfloat16", "float16": "float16"}
@@ -84,8 +84,10 @@ class Switch:
         return unit.model_copy(update=dict(self.case_update[arm]))
 
     def reference_case(self, unit: Case) -> Case:
-        """The exact reference: float64 gates from the raw inputs, float64 L2 norm, arm A's state."""
-        return unit.model_copy(update={"gate_source": "raw", "l2norm": True})
+        """The reference of both arms: the oracle of arm A's own case, exactly as ``gdncheck run``
+        builds it for that case (its gates, its L2 norm setting, its state), so arm A's metrics
+        equal ``run``'s on the same inputs and arm B's differ by the switch alone."""
+        return self.arm_case(unit, 0)
 
     # ---------------------------------------------------------------- expressibility
 
@@ -128,20 +130,18 @@ class Switch:
 
 
 def _is_twin(backend: Backend) -> bool:
-    return getattr(backend, "family", "") == "twin"
+    """A backend whose rounding points are constructor knobs (it declares every switch)."""
+    return set(SWITCH_NAMES) <= backend.ablation_knobs
 
 
 def _has_knob(backend: Backend, knob: str) -> bool:
-    import inspect
-    try:
-        return knob in inspect.signature(type(backend).__init__).parameters
-    except (TypeError, ValueError):
-        return False
+    return _is_twin(backend)
 
 
 def _takes_linear_alpha(backend: Backend) -> bool:
-    """The adapter computes ``alpha = exp(g)`` in PyTorch and the kernel takes linear alpha."""
-    return getattr(backend, "name", "") == "flashinfer-prefill" or getattr(backend, "gate_space", "") == "linear"
+    """The adapter computes ``alpha = exp(g)`` in PyTorch and the kernel takes linear alpha: it
+    declares the exp-precision switch without being a twin."""
+    return "exp-precision" in backend.ablation_knobs and not _is_twin(backend)
 
 
 class BetaQuant(Switch):
@@ -236,22 +236,14 @@ class StateDtype(Switch):
         return dataclasses.replace(inputs, state=inputs.state.to(torch.bfloat16))
 
 
-_FLA_CUDA = {"fla-chunk", "fla-recurrent"}
-
-
 class FastMath(Switch):
     """Fast exp/log: FLA's ``FLA_USE_FAST_OPS=1`` (``__expf``/``__logf``) vs precise; twins' ``fast_math`` knob."""
 
     def _express(self, backend, unit):
-        if _is_twin(backend):
-            return None if _has_knob(backend, "fast_math") else f"{backend.name} has no fast_math knob"
-        if backend.name in _FLA_CUDA:
+        if "fast-math" in backend.ablation_knobs:
             return None
-        if backend.name == "fla-interp":
-            return "the Triton interpreter has no libdevice fast_expf (FLA_USE_FAST_OPS=1 fails to run)"
-        if getattr(backend, "family", "") == "flashinfer":
-            return f"{backend.name}: FlashInfer has no switch (its decode kernels always use fast exp/log)"
-        return f"{backend.name} has no fast-math switch"
+        note = backend.ablation_notes.get("fast-math")
+        return f"{backend.name}: {note}" if note else f"{backend.name} has no fast-math switch"
 
     def mechanism(self, backend, unit):
         return "twin knob fast_math=True" if _is_twin(backend) else "FLA_USE_FAST_OPS=1 in a fresh process"
@@ -418,7 +410,7 @@ class ArmRunner:
 
 
 def _run_arm_batch(switch_name: str, option: str | None, spec: str, device: str, vocab: int,
-                   units_json: list[tuple[str, str]], arm: int, env: dict) -> list[dict]:
+                   units_json: list[tuple[str, str]], arm: int, env: dict) -> list[dict]:  # noqa: D401
     """Worker entry: one arm of many ``(unit json, origin)``, in a process whose environment is ``env``."""
     os.environ.update(env)
     sw = make_switch(switch_name, option)
@@ -615,7 +607,7 @@ class AblationResult:
     jobs: int = 1  # worker processes
 
     def to_json(self) -> dict:
-        from gdncheck.run import environment
+        from gdncheck.execute import environment
         env = environment().model_dump()
         return {"kind": "ablation", "schema_version": 1, "switches": self.switches, "backends": self.backends,
                 "device": self.device, "suites": self.suites, "seeds_per_case": self.seeds,
@@ -643,33 +635,35 @@ def units_for(switch: Switch, cases: list[Case], seeds: int) -> list[tuple[Case,
 
 def ablate(switches: list[Switch], cases: list[Case], backend_specs: list[str], *, device: str = "cpu",
            seeds: int = 3, vocab: int = 32768, n_boot: int = 2000, suites: list[str] | None = None,
-           progress=None, after=None, jobs: int = 1) -> AblationResult:
+           progress: bool = False, after=None, jobs: int = 1) -> AblationResult:
     """Run every switch on every backend over ``cases`` x ``seeds``; both arms per unit.
 
-    ``progress(switch, spec, unit)`` is called per unit; ``after(result, switch, spec)`` after
-    each (switch, backend), with the groups of finished switches (e.g. to write a partial report).
-    ``jobs > 1`` spreads the units over that many worker processes (:func:`_ablate_parallel`);
-    the result is the same as with one.
+    ``after(result, switch, spec)`` is called after each (switch, backend) with the groups of
+    finished switches (e.g. to write a partial report). ``jobs > 1`` runs the units through the
+    shared executor's lanes (:func:`gdncheck.execute.run_units`: compile-key units, memory
+    admission, crash isolation); the result is the same as with one.
     """
+    from gdncheck.progress import Progress
+
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     t0 = time.perf_counter()
     res = AblationResult([s.name for s in switches], list(backend_specs), device, suites or [], seeds, jobs=jobs)
-    if jobs > 1:
-        return _ablate_parallel(res, t0, switches, cases, backend_specs, device, seeds, vocab, n_boot,
-                                progress, after, jobs)
-    for sw in switches:
-        units = units_for(sw, cases, seeds)
-        recs: list[dict] = []
-        for spec in backend_specs:
-            mine = _run_spec(sw, spec, device, vocab, units, progress)
-            recs += mine
-            _note_skips(res, sw, spec, mine)
-            if after:
-                res.wall_s = time.perf_counter() - t0
-                after(res, sw.name, spec)
-        res.records += recs
-        res.groups += summarize(recs, sw, n_boot=n_boot)
+    units = [units_for(sw, cases, seeds) for sw in switches]
+    with Progress("gdncheck ablate", sum(len(u) for u in units) * len(backend_specs), enabled=progress) as bar:
+        if jobs > 1:
+            return _ablate_parallel(res, t0, switches, units, backend_specs, device, vocab, n_boot, bar, after, jobs)
+        for sw, us in zip(switches, units):
+            recs: list[dict] = []
+            for spec in backend_specs:
+                mine = _run_spec(sw, spec, device, vocab, us, lambda *_: bar.advance())
+                recs += mine
+                _note_skips(res, sw, spec, mine)
+                if after:
+                    res.wall_s = time.perf_counter() - t0
+                    after(res, sw.name, spec)
+            res.records += recs
+            res.groups += summarize(recs, sw, n_boot=n_boot)
     res.wall_s = time.perf_counter() - t0
     return res
 
@@ -737,55 +731,46 @@ def _worker_errors(units: list[tuple[Case, str]], arm: int, spec: str, e: BaseEx
              "reason": f"worker: {type(e).__name__}: {e}"[:500]} for u, o in units]
 
 
-# ---------------------------------------------------------------- worker processes
+# ---------------------------------------------------------------- parallel: the shared executor
 
 @dataclass
 class _Task:
     """Units ``ks`` (indices into ``units_for``) of switch ``i`` on backend spec ``j``.
 
-    ``whole``: all units through :func:`_run_spec` (a FastMath arm that needs its own environment).
+    ``whole``: all units through :func:`_run_spec` in this process (a FastMath arm that needs a
+    fresh process of its own environment).
     """
 
     i: int
     j: int
     ks: list[int]
-    alone: bool = False  # rerun with no other task beside it (it ran out of device memory)
     whole: bool = False
 
 
 _RUNNERS: dict[tuple, ArmRunner] = {}  # per worker process: loaded backends keep their compiled kernels
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+def task_units(payload: dict) -> list[list[dict]]:
+    """Lane task (``Lane.call("gdncheck.ablate:task_units", payload)``): each unit's records
+    (``[arm A]`` or ``[arm A, arm B]``), as the one-process path makes them."""
+    from gdncheck.execute import release_device_memory
 
-
-def _task_units(sw: Switch, spec: str, device: str, vocab: int, units_json: list[tuple[str, str]]) -> list[list[dict]]:
-    """Worker entry: each unit's records (``[arm A]`` or ``[arm A, arm B]``), as the one-process path makes them."""
-    from gdncheck.run import release_device_memory
-
-    key = (repr(sw), spec, device, vocab)
+    key = (payload["switch"], payload["option"], payload["spec"], payload["device"], payload["vocab"])
     if key not in _RUNNERS:
-        _RUNNERS[key] = ArmRunner(sw, spec, device, vocab)
+        _RUNNERS[key] = ArmRunner(make_switch(payload["switch"], payload["option"]), payload["spec"],
+                                  payload["device"], payload["vocab"])
     runner = _RUNNERS[key]
     try:
-        return [_unit_pair(runner, Case.model_validate_json(u), o) for u, o in units_json]
+        return [_unit_pair(runner, Case.model_validate_json(u), o) for u, o in payload["units"]]
     finally:
         runner.forget_references()
         release_device_memory()
 
 
-def _task_spec(sw: Switch, spec: str, device: str, vocab: int, units_json: list[tuple[str, str]]) -> list[dict]:
-    """Worker entry: :func:`_run_spec` on every unit of one (switch, backend spec)."""
-    return _run_spec(sw, spec, device, vocab, [(Case.model_validate_json(u), o) for u, o in units_json])
-
-
 def _make_tasks(switches: list[Switch], specs: list[str], units: list[list[tuple[Case, str]]]) -> list[_Task]:
     """Tasks in start order: most units first (compiles dominate, so the longest go first), then (i, j, k).
-    A task holds the units of one schedule key of its backend (:func:`gdncheck.run.schedule_key`, on
+    A task holds the units of one schedule key of its backend (:meth:`Backend.schedule_key`, on
     the arm-A unit), so kernels compile once per task."""
-    from gdncheck.run import schedule_key
-
     tasks = []
     backends = [load_backend(spec) for spec in specs]
     for i, sw in enumerate(switches):
@@ -797,124 +782,67 @@ def _make_tasks(switches: list[Switch], specs: list[str], units: list[list[tuple
                 continue
             groups: dict[tuple, list[int]] = {}
             for k, (u, _) in enumerate(units[i]):
-                groups.setdefault(schedule_key(be, u), []).append(k)
+                groups.setdefault(be.schedule_key(u), []).append(k)
             tasks += [_Task(i, j, ks) for ks in groups.values()]
     return sorted(tasks, key=lambda t: (-len(t.ks), t.i, t.j, t.ks[0]))
 
 
-def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], cases: list[Case], specs: list[str],
-                     device: str, seeds: int, vocab: int, n_boot: int, progress, after, jobs: int) -> AblationResult:
-    """:func:`ablate` over ``jobs`` worker processes, one task (units of one compile key) at a time each.
+def _ablate_parallel(res: AblationResult, t0: float, switches: list[Switch], units: list[list[tuple[Case, str]]],
+                     specs: list[str], device: str, vocab: int, n_boot: int, bar, after, jobs: int) -> AblationResult:
+    """:func:`ablate` over ``jobs`` lanes of the shared executor, one task (units of one compile key)
+    a job. A lane whose worker dies charges exactly its task (its units become error records).
+    Records are reassembled in the one-process order, so summaries and skips are identical."""
+    from gdncheck.execute import Job, case_bytes, closing, is_oom, memory_budget, run_units, start_lanes
 
-    Each worker is a one-process pool of its own, so a worker that dies is charged to exactly
-    the task it was running (its units become error records) and only that worker is replaced.
-    Records are reassembled in the one-process order, so summaries and skips are identical.
-    """
-    import multiprocessing as mp
-    from collections import deque
-    from concurrent.futures import FIRST_COMPLETED, wait
-    from concurrent.futures.process import BrokenProcessPool
-
-    units = [units_for(sw, cases, seeds) for sw in switches]
-    tasks = deque(_make_tasks(switches, specs, units))
-    # per (i, j): records per unit index, or the whole list of a `whole` task
+    tasks = _make_tasks(switches, specs, units)
     per_unit: dict[tuple[int, int], dict[int, list[dict]]] = {}
     whole: dict[tuple[int, int], list[dict]] = {}
-    left = {(i, j): 0 for i in range(len(switches)) for j in range(len(specs))}
-    for t in tasks:
-        left[t.i, t.j] += 1
-    finished = [0]  # switches whose records, skips and groups are in `res`, in order
 
-    def finalize_ready() -> None:
-        while finished[0] < len(switches) and all(left[finished[0], j] == 0 for j in range(len(specs))):
-            i = finished[0]
-            sw, recs = switches[i], []
-            for j, spec in enumerate(specs):
-                mine = whole.get((i, j))
-                if mine is None:
-                    got = per_unit.get((i, j), {})
-                    mine = [r for k in range(len(units[i])) for r in got[k]]
-                recs += mine
-                _note_skips(res, sw, spec, mine)
-            res.records += recs
-            res.groups += summarize(recs, sw, n_boot=n_boot)
-            finished[0] += 1
-
-    from gdncheck.run import _is_oom, worker_threads
-
-    ctx = mp.get_context("spawn")
-    threads = worker_threads(jobs)
-    lanes: list[ProcessPoolExecutor | None] = [None] * min(jobs, len(tasks))
-    running: dict = {}  # future -> (lane, task)
-    alone: deque = deque()  # tasks that ran out of memory beside others, rerun one at a time
-
-    def submit(lane: int, t: _Task) -> None:
+    def job(t: _Task) -> Job:
         sw, spec = switches[t.i], specs[t.j]
-        args = (sw, spec, device, vocab, [(units[t.i][k][0].model_dump_json(), units[t.i][k][1]) for k in t.ks])
-        for attempt in (0, 1):  # a worker that died between tasks breaks its pool before this submit
-            if lanes[lane] is None:
-                lanes[lane] = ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=_worker_init,
-                                                  initargs=(threads,))
-            try:
-                running[lanes[lane].submit(_task_spec if t.whole else _task_units, *args)] = (lane, t)
-                return
-            except BrokenProcessPool:
-                lanes[lane].shutdown(wait=False)
-                lanes[lane] = None
-                if attempt:
-                    raise
+        mine = [units[t.i][k] for k in t.ks]
+        payload = {"switch": sw.name, "option": sw.option, "spec": spec, "device": device, "vocab": vocab,
+                   "units": [(u.model_dump_json(), o) for u, o in mine]}
 
-    try:
-        for lane in range(len(lanes)):
-            submit(lane, tasks.popleft())
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for fut in done:
-                lane, t = running.pop(fut)
-                sw, spec = switches[t.i], specs[t.j]
-                my_units = [units[t.i][k] for k in t.ks]
-                try:
-                    out = fut.result()
-                    flat = out if t.whole else [r for recs in out for r in recs]
-                    oom = any(r.get("status") == "error" and _is_oom(r.get("reason") or "") for r in flat)
-                except Exception as e:  # noqa: BLE001 - a dead or failing worker is a result for its units
-                    if isinstance(e, BrokenProcessPool):
-                        lanes[lane].shutdown(wait=False)
-                        lanes[lane] = None
-                    out, oom = _worker_errors(my_units, 0, spec, e), _is_oom(str(e))
-                    if not t.whole:
-                        out = [[r] for r in out]
-                retry = oom and not t.alone  # did not fit beside the other workers: alone at the end
-                if retry:
-                    t.alone = True
-                    alone.append(t)
-                else:
-                    if t.whole:
-                        whole[t.i, t.j] = out
-                    else:
-                        per_unit.setdefault((t.i, t.j), {}).update(zip(t.ks, out))
-                    if progress:
-                        for u, _ in my_units:
-                            progress(sw.name, spec, u)
-                    left[t.i, t.j] -= 1
-                if tasks:
-                    submit(lane, tasks.popleft())
-                if not retry and left[t.i, t.j] == 0:
-                    finalize_ready()
-                    if after:
-                        res.wall_s = time.perf_counter() - t0
-                        after(res, sw.name, spec)
-            if not running and not tasks and alone:
-                for k in range(1, len(lanes)):  # their device memory back before a task runs alone
-                    if lanes[k] is not None:
-                        lanes[k].shutdown(wait=True)
-                        lanes[k] = None
-                submit(0, alone.popleft())
-    finally:
-        for ex in lanes:
-            if ex is not None:
-                ex.shutdown(wait=not running, cancel_futures=True)
-    finalize_ready()  # a (switch, spec) with no units has no task
+        def oom(reply: dict) -> bool:
+            if "error" in reply:
+                return is_oom(reply["error"])
+            return any(r.get("status") == "error" and is_oom(r.get("reason") or "") for rs in reply["ok"] for r in rs)
+
+        def record(reply: dict) -> None:
+            out = reply.get("ok")
+            if out is None:
+                out = [[r] for r in _worker_errors(mine, 0, spec, RuntimeError(reply["error"]))]
+            per_unit.setdefault((t.i, t.j), {}).update(zip(t.ks, out))
+            bar.advance(n=len(t.ks))
+
+        return Job(send=lambda lane: lane.call("gdncheck.ablate:task_units", payload), record=record,
+                   need=max(case_bytes(u) for u, _ in mine), oom=oom)
+
+    lane_tasks = [t for t in tasks if not t.whole]
+    if lane_tasks:
+        lanes = start_lanes(device, min(jobs, len(lane_tasks)))
+        with closing(lanes):
+            run_units([[job(t)] for t in lane_tasks], lanes, memory_budget(device))
+    for t in tasks:
+        if t.whole:
+            whole[t.i, t.j] = _run_spec(switches[t.i], specs[t.j], device, vocab, units[t.i],
+                                        lambda *_: bar.advance())
+    for i, sw in enumerate(switches):
+        recs = []
+        for j, spec in enumerate(specs):
+            mine = whole.get((i, j))
+            if mine is None:
+                got = per_unit.get((i, j), {})
+                mine = [r for k in range(len(units[i])) for r in got.get(k, [])]
+            recs += mine
+            _note_skips(res, sw, spec, mine)
+        res.records += recs
+        res.groups += summarize(recs, sw, n_boot=n_boot)
+        if after:
+            res.wall_s = time.perf_counter() - t0
+            for spec in specs:
+                after(res, sw.name, spec)
     res.wall_s = time.perf_counter() - t0
     return res
 
@@ -1108,75 +1036,3 @@ def write_report(res: AblationResult, out: Path) -> list[Path]:
 
 
 # ============================================================================ CLI
-
-def register(app) -> None:
-    from gdncheck.cli import EXIT_ENV, EXIT_OK, err, resolve_backends, usage_error
-
-    @app.command("ablate")
-    def ablate_cmd(
-        beta_quant: Annotated[bool, typer.Option("--beta-quant", help="beta rounded (to --beta-dtype) vs fp32")] = False,
-        beta_dtype: Annotated[str, typer.Option(help="dtype of --beta-quant: bf16 or fp16")] = "bf16",
-        exp_precision: Annotated[bool, typer.Option("--exp-precision", help="exp(g) in bf16 vs fp32")] = False,
-        state_dtype: Annotated[bool, typer.Option("--state-dtype", help="bf16 vs fp32 state")] = False,
-        gate_source: Annotated[bool, typer.Option("--gate-source", help="in-kernel gating from raw inputs vs precomputed g, beta")] = False,
-        l2norm: Annotated[bool, typer.Option("--l2norm", help="q/k L2 norm precomputed (rounded to the input dtype) vs in kernel")] = False,
-        fast_math: Annotated[bool, typer.Option("--fast-math", help="fast exp/log (FLA_USE_FAST_OPS=1; twins' knob)")] = False,
-        suite: Annotated[Optional[list[str]], typer.Option("--suite", "-s", help="suite name or TOML path (repeatable)")] = None,
-        backend: Annotated[Optional[list[str]], typer.Option("--backend", "-b", help="backend spec (repeatable)")] = None,
-        seeds: Annotated[int, typer.Option(help="seeds per case (paired units per case)")] = 3,
-        out: Annotated[Path, typer.Option(help="report directory")] = Path("runs/ablate"),
-        device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default cuda when present")] = None,
-        vocab: Annotated[int, typer.Option(help="width of the logit projection for argmax flips")] = 32768,
-        boot: Annotated[int, typer.Option(help="bootstrap resamples")] = 2000,
-        progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
-        jobs: Annotated[int, typer.Option("--jobs", "-j",
-                                          help="worker processes (kernels compile in parallel; one GPU is shared)")] = 1,
-    ) -> None:
-        """Measure what a rounding choice does: both arms on the same cases and seeds, effect with a 95% CI."""
-        from rich.console import Console
-
-        from gdncheck.cases import SuiteError, load_suite
-        from gdncheck.run import default_device
-
-        chosen = [n for n, on in zip(SWITCH_NAMES, (beta_quant, exp_precision, state_dtype, gate_source,
-                                                      l2norm, fast_math)) if on]
-        if not chosen:
-            raise usage_error("ablate: name at least one switch (" + ", ".join("--" + s for s in SWITCH_NAMES) + ")")
-        if seeds < 1 or vocab < 2 or boot < 100:
-            raise usage_error("ablate: --seeds >= 1, --vocab >= 2, --boot >= 100")
-        if jobs < 1:
-            raise usage_error(f"ablate: --jobs must be >= 1, got {jobs}")
-        try:
-            switches = [make_switch(n, beta_dtype if n == "beta-quant" else None) for n in chosen]
-        except ValueError as e:
-            raise usage_error(str(e)) from None
-        device = device or default_device()
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            err.print("[red]error:[/red] --device cuda but no CUDA device is visible")
-            raise typer.Exit(EXIT_ENV)
-        specs = resolve_backends(backend, device)
-        suites = suite or ["smoke"]
-        try:
-            cases = [c for s in suites for c in load_suite(s)]
-        except SuiteError as e:
-            raise usage_error(str(e)) from None
-        con = Console(stderr=True)
-        tick = None
-        if progress:
-            def tick(sw, spec, u):
-                con.print(f"[dim]{sw} {spec} {u.name or u.id} seed {u.seed}[/dim]", end="\r")
-        def after(r, sw, spec):  # a partial report survives a killed run
-            con.print(f"[dim]{sw} on {spec}: done ({r.wall_s:.0f} s)[/dim]")
-            write_report(r, out)
-
-        res = ablate(switches, cases, specs, device=device, seeds=seeds, vocab=vocab, n_boot=boot,
-                     suites=suites, progress=tick, after=after, jobs=jobs)
-        Console().print(table(res))
-        for g in res.groups:
-            Console().print("• " + g["verdict"])
-        for s in res.skipped:
-            Console().print(f"[dim]not run: {s['switch']} on {s['backend']}: {s['status']} "
-                            f"({s['units']} units): {s['reason']}[/dim]")
-        paths = write_report(res, out)
-        err.print("report: " + ", ".join(str(p) for p in paths))
-        raise typer.Exit(EXIT_OK)

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
-import typer
 
 DEFAULT_SHAPE = {"H": 16, "HV": 32, "K": 128, "V": 128}
 DEFAULT_TS = (256, 1024, 4096)
@@ -25,7 +24,7 @@ DEFAULT_TS = (256, 1024, 4096)
 LONG_RECURRENT_T = 4096
 WARMUP_T = 256
 
-__all__ = ["bench_oracle", "environment", "register", "DEFAULT_SHAPE"]
+__all__ = ["bench_oracle", "environment", "DEFAULT_SHAPE"]
 
 
 def _devices(device: str | None) -> list[str]:
@@ -205,49 +204,3 @@ def _table(rows: list[dict]):
         t.add_row(r["device"], str(r["T"]), f"{r['chunked_s']:.4f}", f"{r['recurrent_s']:.4f}", f"{r['ratio']:.1f}x",
                   f"{r['max_rel_diff']:.1e}", f"{r['chunked_repeats']}/{r['recurrent_repeats']}")
     return t
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``gdncheck bench oracle`` to a typer app."""
-    from rich.console import Console
-
-    bench_app = typer.Typer(help="Benchmarks.", no_args_is_help=True)
-    app.add_typer(bench_app, name="bench")
-
-    @bench_app.command("oracle")
-    def oracle_cmd(
-        device: Annotated[Optional[str], typer.Option(help="cpu, cuda or cuda:N; default: CPU, and CUDA when visible")] = None,
-        T: Annotated[Optional[list[int]], typer.Option("--T", help="sequence length (repeatable)")] = None,
-        repeats: Annotated[int, typer.Option(help="timed calls per form (median), after a warm-up")] = 3,
-        recurrent_repeats: Annotated[Optional[int], typer.Option(help="timed calls of the recurrent form; default --repeats, 1 on CPU at T >= 4096")] = None,
-        H: Annotated[int, typer.Option("--H")] = DEFAULT_SHAPE["H"],
-        HV: Annotated[int, typer.Option("--HV")] = DEFAULT_SHAPE["HV"],
-        K: Annotated[int, typer.Option("--K")] = DEFAULT_SHAPE["K"],
-        V: Annotated[int, typer.Option("--V")] = DEFAULT_SHAPE["V"],
-        chunk_size: Annotated[int, typer.Option(help="chunk size of the chunked form")] = 64,
-        json_path: Annotated[Optional[Path], typer.Option("--json", help="also write {env, rows} here")] = None,
-    ) -> None:
-        """Time the float64 oracle's chunked and recurrent forms side by side."""
-        import torch
-
-        con, err = Console(), Console(stderr=True)
-        if device is not None and device.startswith("cuda") and not torch.cuda.is_available():
-            err.print(f"[red]error:[/red] --device {device} but no CUDA device is visible")
-            raise typer.Exit(3)
-        Ts = tuple(T) if T else DEFAULT_TS
-        try:
-            devs = _devices(device)
-            env = environment(devs)
-            con.print(", ".join(f"{k}={v}" for k, v in env.items() if v is not None))
-            rows = bench_oracle(device, Ts, repeats, shape=dict(H=H, HV=HV, K=K, V=V),
-                                recurrent_repeats=recurrent_repeats, chunk_size=chunk_size,
-                                on_row=lambda r: err.print(f"  {r['device']} T={r['T']}: chunked {r['chunked_s']:.4f} s, "
-                                                           f"recurrent {r['recurrent_s']:.4f} s"))
-        except ValueError as e:
-            err.print(f"[red]error:[/red] {e}")
-            raise typer.Exit(2) from None
-        con.print(_table(rows))
-        if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            json_path.write_text(json.dumps({"env": env, "rows": rows}, indent=2) + "\n")
-            con.print(f"wrote {json_path}")

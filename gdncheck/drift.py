@@ -30,67 +30,14 @@ import torch
 from pydantic import BaseModel, Field
 
 from gdncheck.backends.base import Backend
-from gdncheck.cases import DTYPES, Case, Inputs, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import DTYPES, Inputs, materialize
 from gdncheck.metrics import rel_l2
 from gdncheck.oracle import expected, gates64
 from gdncheck_reference import gated_delta_rule
+from gdncheck.data.drift import DriftResult, PositionCurve, RolloutCurve, load_drift  # noqa: F401
 
-DRIFT_SCHEMA_VERSION = 1
 F64 = torch.float64
-
-__all__ = ["PositionCurve", "RolloutCurve", "DriftResult", "position_error", "rollout", "logit_flip_rate",
-           "growth_exponent", "load_drift", "register"]
-
-
-class PositionCurve(BaseModel):
-    """Output error per position bin of one long prefill on one backend."""
-
-    backend: str
-    status: Literal["ok", "unsupported", "error"] = "ok"
-    reason: str | None = None
-    case: Case | None = None
-    T: int
-    bin_edges: list[int] = Field(default_factory=list, description="bins+1 token positions")
-    rel_l2: list[float] = Field(default_factory=list, description="per bin, output vs oracle")
-    floor_rel_l2: list[float] = Field(default_factory=list, description="per bin, oracle rounded to dtype")
-    flip_rate: float | None = None
-    vocab: int | None = None
-    path: str = ""
-    seconds: float | None = None
-
-
-class RolloutCurve(BaseModel):
-    """State and output error along a decode rollout on one backend and state dtype."""
-
-    backend: str
-    status: Literal["ok", "unsupported", "error"] = "ok"
-    reason: str | None = None
-    case: Case | None = None
-    state_dtype: str
-    steps: int
-    log_steps: list[int] = Field(default_factory=list, description="steps (1-based) where errors were taken")
-    state_rel_l2: list[float] = Field(default_factory=list)
-    state_floor: list[float] = Field(default_factory=list, description="float64 state rounded once to state_dtype")
-    o_rel_l2: list[float] = Field(default_factory=list, description="output error over the steps since the previous point")
-    growth: float | None = Field(None, description="slope of log state error vs log step (steps >= 10)")
-    growth_o: float | None = None
-    flip_rate: float | None = None
-    vocab: int | None = None
-    path: str = ""
-    seconds: float | None = None
-
-
-class DriftResult(BaseModel):
-    schema_version: int = DRIFT_SCHEMA_VERSION
-    kind: Literal["drift"] = "drift"
-    device: str = ""
-    position: list[PositionCurve] = Field(default_factory=list)
-    rollout: list[RolloutCurve] = Field(default_factory=list)
-
-
-def load_drift(path: str | Path) -> DriftResult:
-    return DriftResult.model_validate_json(Path(path).read_text())
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -320,102 +267,3 @@ def rollout(backend: Backend, case_template: Case, steps: int = 1000, *, state_d
 def _template(H, HV, K, V, dtype, state_dtype, layout, gate_source, gate_dist, seed, N=1) -> Case:
     return Case(op="decode", seqlens=[1] * N, H=H, HV=HV, K=K, V=V, dtype=dtype, state_dtype=state_dtype,
                 layout=layout, gate_source=gate_source, gate_dist=gate_dist, seed=seed)
-
-
-def _write(result: DriftResult, out: Path, stem: str) -> list[Path]:
-    from gdncheck.report import plots
-
-    out.mkdir(parents=True, exist_ok=True)
-    js = out / f"{stem}.json"
-    js.write_text(result.model_dump_json(indent=1))
-    files = [js]
-    for title, fig in plots.drift_figures(result):
-        png = out / f"{stem}-{plots.slug(title)}.png"
-        fig.savefig(png, dpi=110, bbox_inches="tight")
-        plots.close(fig)
-        files.append(png)
-    return files
-
-
-def register(app) -> None:
-    """Add ``gdncheck drift position|rollout`` to a typer app."""
-    import typer
-    from rich.console import Console
-    from rich.table import Table
-
-    from gdncheck.backends import load_backend
-
-    drift_app = typer.Typer(help="Error drift: along long sequences, over decode rollouts, at the logits.",
-                            no_args_is_help=True)
-    app.add_typer(drift_app, name="drift")
-    con = Console(width=None if sys.stdout.isatty() else 160)  # logs: no truncated columns
-
-    common = dict(
-        H=typer.Option(16, "--H"), HV=typer.Option(32, "--HV"), K=typer.Option(128, "--K"), V=typer.Option(128, "--V"),
-    )
-
-    @drift_app.command("position")
-    def position_cmd(
-        backend: list[str] = typer.Option(..., "--backend", "-b", help="backend name (repeatable)"),
-        T: int = typer.Option(16384, "--T", help="tokens in the sequence"),
-        bins: int = typer.Option(32, help="position bins"),
-        H: int = common["H"], HV: int = common["HV"], K: int = common["K"], V: int = common["V"],
-        dtype: str = typer.Option("bfloat16"), state_dtype: str = typer.Option("float32"),
-        layout: str = typer.Option("k_last", help="k_last | v_last (switched per backend when it supports only the other)"),
-        gate_source: str = typer.Option("precomputed"), gate_dist: str = typer.Option("model"),
-        seed: int = typer.Option(0), vocab: int = typer.Option(32768, help="logit proxy vocabulary"),
-        device: str | None = typer.Option(None, help="default: the backend's device"),
-        out: Path = typer.Option(Path("drift"), "--out", help="output directory"),
-    ):
-        """Output error against position in one long prefill, per backend."""
-        tpl = _template(H, HV, K, V, dtype, state_dtype, layout, gate_source, gate_dist, seed)
-        res = DriftResult(device=str(device or ""))
-        tab = Table(title=f"position error, T={T}")
-        for c in ("backend", "status", "first bin", "last bin", "last/first", "flip rate"):
-            tab.add_column(c)
-        for name in backend:
-            cv = position_error(load_backend(name), tpl, T, bins, device=device, vocab=vocab, proj_seed=seed)
-            res.position.append(cv)
-            if cv.status == "ok" and cv.rel_l2:
-                ratio = cv.rel_l2[-1] / cv.rel_l2[0] if cv.rel_l2[0] else float("inf")
-                tab.add_row(name, cv.status, f"{cv.rel_l2[0]:.3e}", f"{cv.rel_l2[-1]:.3e}", f"{ratio:.2f}",
-                            f"{cv.flip_rate:.4%}")
-            else:
-                tab.add_row(name, cv.status, cv.reason or "", "", "", "")
-        con.print(tab)
-        for f in _write(res, out, "drift-position"):
-            con.print(f"wrote {f}")
-
-    @drift_app.command("rollout")
-    def rollout_cmd(
-        backend: list[str] = typer.Option(..., "--backend", "-b", help="backend name (repeatable)"),
-        steps: int = typer.Option(1000, help="decode steps"),
-        N: int = typer.Option(4, "--N", help="sequences decoded together"),
-        state_dtype: list[str] = typer.Option(["float32", "bfloat16"], "--state-dtype", help="repeatable"),
-        H: int = common["H"], HV: int = common["HV"], K: int = common["K"], V: int = common["V"],
-        dtype: str = typer.Option("bfloat16"), layout: str = typer.Option("k_last"),
-        gate_source: str = typer.Option("raw"), gate_dist: str = typer.Option("model"),
-        seed: int = typer.Option(0), points: int = typer.Option(40, help="log-spaced error points"),
-        vocab: int = typer.Option(32768), device: str | None = typer.Option(None),
-        out: Path = typer.Option(Path("drift"), "--out"),
-    ):
-        """Decode rollouts carrying each backend's own state, against float64."""
-        res = DriftResult(device=str(device or ""))
-        tab = Table(title=f"rollout, {steps} steps")
-        for c in ("backend", "state", "status", "state err (final)", "floor", "growth", "output err", "flip rate"):
-            tab.add_column(c)
-        for sd in state_dtype:
-            tpl = _template(H, HV, K, V, dtype, sd, layout, gate_source, gate_dist, seed, N)
-            for name in backend:
-                cv = rollout(load_backend(name), tpl, steps, device=device, vocab=vocab, points=points, proj_seed=seed)
-                res.rollout.append(cv)
-                if cv.status == "ok":
-                    gr = "n/a" if cv.growth is None else f"{cv.growth:.2f}"
-                    tab.add_row(name, sd, "ok", f"{cv.state_rel_l2[-1]:.3e}", f"{cv.state_floor[-1]:.1e}", gr,
-                                f"{cv.o_rel_l2[-1]:.3e}", f"{cv.flip_rate:.4%}")
-                else:
-                    tab.add_row(name, sd, cv.status, cv.reason or "", "", "", "", "")
-        con.print(tab)
-        for f in _write(res, out, "drift-rollout"):
-            con.print(f"wrote {f}")
-

@@ -24,7 +24,9 @@ from pathlib import Path
 import torch
 
 from gdncheck.backends import Backend, load_backend
-from gdncheck.cases import DTYPES, Case, load_suite, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import DTYPES, materialize
+from gdncheck.suites import load_suite
 from gdncheck.oracle import expected
 from gdncheck_reference import OUT_ORACLE, ROW_WRITTEN
 

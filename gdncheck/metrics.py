@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
-from gdncheck.cases import DTYPES, Inputs
-from gdncheck.report.schema import Contracts, TensorMetrics
+from gdncheck.inputs import DTYPES, Inputs
+from gdncheck.data.results import Contracts, TensorMetrics
 from gdncheck_reference import OUT_CALLER, OUT_ORACLE, ROW_UNTOUCHED, ROW_WRITTEN, PoolResult
 
 F64 = torch.float64

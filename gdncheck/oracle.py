@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from gdncheck.cases import Inputs
+from gdncheck.inputs import Inputs
 from gdncheck_reference import PoolResult, compute_gates, pooled_gated_delta_rule
 
 

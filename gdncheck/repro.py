@@ -14,13 +14,16 @@ from pathlib import Path
 import torch
 
 from gdncheck.backends.base import Backend
-from gdncheck.cases import Case, Inputs, SuiteError, inputs_digest, list_suites, load_suite, materialize
+from gdncheck.data.errors import UsageError
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs, inputs_digest, materialize
+from gdncheck.suites import SuiteError, list_suites, load_suite
 
 BUNDLE_TENSORS = "inputs.safetensors"
 BUNDLE_CASE = "case.json"
 
 
-class ReproError(ValueError):
+class ReproError(UsageError):
     """The case or bundle cannot be resolved; the message says what was expected."""
 
 
@@ -123,14 +126,4 @@ def load_bundle(directory: str | Path, device: str | torch.device = "cpu") -> In
 
 # ---------------------------------------------------------------- running
 
-def run_inputs(backend: Backend, inputs: Inputs, *, twin: Backend | None = None):
-    """Run ``backend`` on a copy of ``inputs`` and judge it (see :func:`gdncheck.run.run_inputs`).
-
-    Returns ``(CaseResult, Outputs | None)``; never raises for kernel errors.
-    """
-    from gdncheck.run import run_inputs as _run
-
-    return _run(backend, inputs, twin=twin)
-
-
-__all__ = ["ReproError", "SuiteError", "find_case", "save_bundle", "load_bundle", "run_inputs", "materialize"]
+__all__ = ["ReproError", "find_case", "save_bundle", "load_bundle"]

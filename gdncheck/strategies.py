@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator
 from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 
-from gdncheck.cases import Case
+from gdncheck.data.case import Case
 
 if TYPE_CHECKING:
     from gdncheck.backends.base import Backend

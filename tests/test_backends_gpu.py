@@ -18,7 +18,8 @@ import torch
 
 from gdncheck.backends.fla import FLAChunk, FLARecurrent
 from gdncheck.backends.flashinfer import FlashInferDecode, FlashInferMTP, FlashInferPrefill
-from gdncheck.cases import DTYPES, Case, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import DTYPES, materialize
 from gdncheck.oracle import expected
 from gdncheck_reference import OUT_CALLER, OUT_ORACLE, ROW_UNTOUCHED, ROW_WRITTEN
 
@@ -151,7 +152,7 @@ def test_hashed_pool_on_cuda_equals_hashed_pool_on_cpu():
     """Pools past HASHED_POOL_ELEMENTS are drawn on the device: the same bits as the CPU's."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    from gdncheck.cases import hashed_normal
+    from gdncheck.inputs import hashed_normal
 
     n = (1 << 24) + 12345  # crosses a chunk edge
     for seed in (0, 22):

@@ -11,10 +11,11 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from gdncheck import cases as cases_mod
-from gdncheck import cases_cli
-from gdncheck.cases import (Case, SuiteError, inputs_digest, list_suites, load_suite, load_suite_file,
-                            materialize)
+from gdncheck import inputs as cases_mod
+from gdncheck.cli import app as _cli_app
+from gdncheck.data.case import Case
+from gdncheck.inputs import inputs_digest, materialize
+from gdncheck.suites import SuiteError, list_suites, load_suite, load_suite_file
 from gdncheck.oracle import expected
 
 SUITES = ("smoke", "models", "edges")
@@ -23,9 +24,7 @@ MODELS = {"qwen3-next-80b-a3b": (16, 32), "qwen3.5-397b-a17b": (16, 64), "qwen3.
 
 
 def _app() -> typer.Typer:
-    app = typer.Typer()
-    cases_cli.register(app)
-    return app
+    return _cli_app
 
 
 # ---------------------------------------------------------------- determinism
@@ -51,7 +50,8 @@ def test_materialize_is_bit_identical_across_runs_and_processes():
     here = [inputs_digest(materialize(c)) for c in cases]
     assert here == [inputs_digest(materialize(c)) for c in cases]
     script = textwrap.dedent(f"""
-        from gdncheck.cases import Case, inputs_digest, materialize
+        from gdncheck.data.case import Case
+        from gdncheck.inputs import inputs_digest, materialize
         for js in {[c.model_dump_json() for c in cases]!r}:
             print(inputs_digest(materialize(Case.model_validate_json(js))))
     """)

@@ -9,8 +9,10 @@ from typer.testing import CliRunner
 
 from gdncheck.backends import load_backend
 from gdncheck.backends.base import Backend, Capabilities, Outputs
-from gdncheck.cases import Case
-from gdncheck.drift import DriftResult, growth_exponent, logit_flip_rate, position_error, register, rollout
+from gdncheck.data.case import Case
+from gdncheck.cli import app as _cli_app
+from gdncheck.data.drift import DriftResult
+from gdncheck.drift import growth_exponent, logit_flip_rate, position_error, rollout
 from gdncheck.oracle import expected
 
 
@@ -116,8 +118,7 @@ def test_rollout_twin_state_floor():
 # ---------------------------------------------------------------- CLI
 
 def test_cli_position_and_rollout(tmp_path):
-    app = typer.Typer()
-    register(app)
+    app = _cli_app
     run = CliRunner().invoke
     res = run(app, ["drift", "position", "-b", "twin-fla", "-b", "twin-flashinfer", "--T", "128", "--bins", "4",
                     "--H", "1", "--HV", "2", "--K", "8", "--V", "8", "--vocab", "1024", "--out", str(tmp_path)])

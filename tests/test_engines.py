@@ -1,8 +1,8 @@
 """SGLang's and vLLM's own GDN kernels under Triton's CPU interpreter (``*-interp`` backends).
 
-Every case runs end to end through :func:`gdncheck.run.run_case` (NaN-poisoned outputs, the
+Every case runs end to end through :func:`gdncheck.execute.run_case` (NaN-poisoned outputs, the
 float64 oracle on the exact inputs, the precision twin) and is judged by
-:func:`gdncheck.gate.judge` with the shipped budgets: an empty list of findings is a pass. The
+:func:`gdncheck.judge.judge_result` with the shipped budgets: an empty list of findings is a pass. The
 error model is the budgets file's (recurrent fp32 state: <= 2^13 fp32 floors; outputs <= 8 floors;
 SGLang's packed decode rounds beta to bf16: one bf16 rounding on the state path, 8 * 2^16 fp32
 floors; interpreter bf16 stores truncate: <= 4 twins). A wrong layout, a wrong slot or a dropped
@@ -21,14 +21,16 @@ import textwrap
 import pytest
 import torch
 
-from gdncheck import gate
+from gdncheck.budgets import load_budgets
+from gdncheck.judge import judge_result
 from gdncheck.backends import load_backend
 from gdncheck.backends.engines import EngineUnavailable, engine_version, install_hint
-from gdncheck.cases import Case, materialize
-from gdncheck.run import run_case
+from gdncheck.data.case import Case
+from gdncheck.execute import run_case
+from gdncheck.inputs import materialize
 from gdncheck_reference import gated_delta_rule
 
-BUDGETS = gate.load_budgets()
+BUDGETS = load_budgets()
 
 
 def _need(pkg: str):
@@ -53,7 +55,7 @@ def _backend(name: str):
 def _run(be, case: Case):
     twin = load_backend(be.twin) if be.twin else None
     r = run_case(be, case, twin=twin)
-    return r, gate.judge(r, BUDGETS)
+    return r, judge_result(r, BUDGETS)
 
 
 def _small(**kw) -> Case:
@@ -235,12 +237,12 @@ def test_wrong_layout_fails_the_gate(name):
     op = "verify" if "fused-sigmoid" in name else "prefill" if name in ("sglang-extend-interp", "vllm-chunk-interp") else "decode"
     seqlens = {"verify": [3] * 2, "decode": [1] * 2, "prefill": [9, 4]}[op]
     case = _small(op=op, seqlens=seqlens, K=16, V=16, pool_size=4, read_indices=[2, 3], seed=41)
-    from gdncheck.run import run_inputs
+    from gdncheck.execute import run_inputs
 
     wrong = _WrongLayout(be)
     res, _ = run_inputs(wrong, materialize(case))
     assert res.status == "ok", res.reason  # the kernel ran; the gate must catch it by its numbers
-    findings = gate.judge(res, BUDGETS)
+    findings = judge_result(res, BUDGETS)
     assert findings, f"{name}: the transposed pool passed the gate"
     assert max(f.severity for f in findings) > 100
 
@@ -326,7 +328,8 @@ _ALIAS = textwrap.dedent("""
     from gdncheck.backends import engines
     if sys.argv[1] == "off":
         engines.interpreter_fixes = lambda pkg: []
-    from gdncheck.cases import Case, materialize
+    from gdncheck.data.case import Case
+    from gdncheck.inputs import materialize
     from gdncheck.backends import load_backend
     be = load_backend(sys.argv[2])
     case = Case(op="decode", seqlens=[1, 1], H=2, HV=4, K=16, V=16, gate_source="raw", pool_size=3,
@@ -366,15 +369,16 @@ _CHUNK = textwrap.dedent("""
         engines.fix_bf16_dot = lambda: False
     if sys.argv[1] == "no-range-fix":
         _interp_ops.tensor_range = builtins.range
-    from gdncheck import gate
-    from gdncheck.cases import Case
-    from gdncheck.run import run_case
+    from gdncheck.budgets import load_budgets
+    from gdncheck.judge import judge_result
+    from gdncheck.data.case import Case
+    from gdncheck.execute import run_case
     be = load_backend(sys.argv[2])
     case = Case(op="prefill", seqlens=[9, 4], H=2, HV=4, K=16, V=16, gate_source="raw", pool_size=3,
                 read_indices=[2, 1], seed=4)
     r = run_case(be, case)
     print("RESULT", r.status, r.metrics["o"].in_floors if r.metrics.get("o") else None,
-          len(gate.judge(r, gate.load_budgets())), (r.reason or "").splitlines()[-1:] )
+          len(judge_result(r, load_budgets())), (r.reason or "").splitlines()[-1:] )
 """)
 
 

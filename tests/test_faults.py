@@ -11,7 +11,7 @@ import torch
 from gdncheck.backends.base import Backend
 from gdncheck.backends.faults import FAULTS, fault_cases, clean_twin
 from gdncheck.backends.twins import FlashInferTwin
-from gdncheck.cases import materialize
+from gdncheck.inputs import materialize
 from gdncheck.oracle import expected
 from gdncheck_reference import OUT_CALLER, ROW_UNTOUCHED, ROW_WRITTEN
 

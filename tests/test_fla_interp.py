@@ -23,7 +23,8 @@ import pytest
 import torch
 
 from gdncheck.backends.fla import FLAInterpreter
-from gdncheck.cases import DTYPES, Case, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import DTYPES, materialize
 from gdncheck.oracle import expected
 from gdncheck_reference import OUT_ORACLE, ROW_UNTOUCHED, ROW_WRITTEN
 

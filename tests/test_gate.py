@@ -8,10 +8,14 @@ import pytest
 from typer.testing import CliRunner
 
 from gdncheck import gate as G
-from gdncheck.cases import Case
+from gdncheck.budgets import FIELDS, TENSORS, Budgets, load_budgets
+from gdncheck.data.errors import Exit, UsageError
+from gdncheck.judge import judge_result, judge_run
+from gdncheck.report.verdict import verdict_markdown
+from gdncheck.data.case import Case
 from gdncheck.cli import app
-from gdncheck.report.io import load_results, write_results
-from gdncheck.report.schema import CaseResult, Contracts, Environment, RunHeader, TensorMetrics
+from gdncheck.data.io import load_results, write_results
+from gdncheck.data.results import CaseResult, Contracts, Environment, RunHeader, TensorMetrics
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -45,15 +49,21 @@ def _result(backend="be", status="ok", o=1.0, state=1.0, contracts=None, case=No
                       repro=case.repro() + f" --backend {backend}", **kw)
 
 
-def _budgets(tmp_path, text: str, defaults=False) -> G.Budgets:
+def _budgets(tmp_path, text: str, defaults=False) -> Budgets:
     p = tmp_path / "b.toml"
     p.write_text(text)
-    return G.load_budgets([p], defaults=defaults)
+    return load_budgets([p], defaults=defaults)
 
 
 def _gate(*args):
     r = CliRunner().invoke(app, ["gate", "--no-progress", "--device", "cpu", *map(str, args)])
     return r.exit_code, r.output + (r.stderr if r.stderr_bytes is not None else "")
+
+
+def _merge(paths, out):
+    from gdncheck.data.io import merge_results
+    write_results(out, *merge_results(paths))
+    return out
 
 
 def _comparable(path: Path) -> dict:
@@ -65,11 +75,11 @@ def _comparable(path: Path) -> dict:
 # ---------------------------------------------------------------- budgets
 
 def test_shipped_budgets_load_and_every_entry_says_why():
-    b = G.load_budgets()
+    b = load_budgets()
     assert len(b.entries) >= 10
     for e in b.entries:
         assert e.why, f"{e.source} has no derivation"
-        assert e.tensor in G.TENSORS and e.field in G.FIELDS
+        assert e.tensor in TENSORS and e.field in FIELDS
 
 
 @pytest.mark.parametrize("op,dtype,sdt,metric,want", [
@@ -83,11 +93,11 @@ def test_shipped_budgets_load_and_every_entry_says_why():
 ])
 def test_default_budgets_follow_the_error_model(op, dtype, sdt, metric, want):
     r = _result(case=_case(op, dtype, sdt))
-    assert G.load_budgets().for_result(r)[metric].max == want
+    assert load_budgets().for_result(r)[metric].max == want
 
 
 def test_flashinfer_fp16_decode_budget_accounts_for_its_bf16_rounding():
-    b = G.load_budgets()
+    b = load_budgets()
     r = _result(backend="flashinfer-decode", case=_case("decode", "float16", gate_dtype="float16"))
     assert b.for_result(r)["o.in_floors"].max == 64
     assert b.for_result(_result(backend="fla-recurrent", case=r.case))["o.in_floors"].max == 8
@@ -101,7 +111,7 @@ def test_specific_entry_beats_wildcard_and_override_wins_ties(tmp_path):
     over = tmp_path / "over.toml"
     over.write_text('[[budget]]\nmetric = "o.in_floors"\nmax = 3\n'
                     '[[budget]]\nbackend = "fla-recurrent"\nmetric = "o.in_floors"\nmax = inf\n')
-    b = G.load_budgets([base, over], defaults=False)
+    b = load_budgets([base, over], defaults=False)
     pick = lambda be, op="prefill": b.for_result(_result(backend=be, case=_case(op)))["o.in_floors"].max  # noqa: E731
     assert pick("other") == 3  # override, same specificity, later
     assert pick("fla-interp") == 10  # glob beats "*"
@@ -110,7 +120,7 @@ def test_specific_entry_beats_wildcard_and_override_wins_ties(tmp_path):
     assert math.isinf(pick("fla-recurrent"))
     # inf switches the metric off
     r = _result(backend="fla-recurrent", o=1e9)
-    assert G.judge(r, b) == []
+    assert judge_result(r, b) == []
 
 
 @pytest.mark.parametrize("text,needle", [
@@ -124,7 +134,7 @@ def test_specific_entry_beats_wildcard_and_override_wins_ties(tmp_path):
     ('limits = 3\n', "unknown top-level key"),
 ])
 def test_malformed_budgets_name_file_and_problem(tmp_path, text, needle):
-    with pytest.raises(G.GateConfigError) as e:
+    with pytest.raises(UsageError) as e:
         _budgets(tmp_path, text)
     assert "b.toml" in str(e.value) and needle in str(e.value)
 
@@ -134,17 +144,17 @@ def test_malformed_budgets_name_file_and_problem(tmp_path, text, needle):
 def test_statuses_contracts_and_budgets(tmp_path):
     b = _budgets(tmp_path, '[[budget]]\nmetric = "o.in_floors"\nmax = 8\n'
                            '[[budget]]\nmetric = "state.in_floors"\nmax = 8\n')
-    assert G.judge(_result(o=7.9, state=2.0), b) == []
-    assert G.judge(_result(status="unsupported", reason="no GPU"), b) == []
+    assert judge_result(_result(o=7.9, state=2.0), b) == []
+    assert judge_result(_result(status="unsupported", reason="no GPU"), b) == []
     for st in ("error", "nan", "crash"):
-        (f,) = G.judge(_result(status=st, reason="boom"), b)
+        (f,) = judge_result(_result(status=st, reason="boom"), b)
         assert f.check == f"status:{st}" and f.severity == math.inf
-    (f,) = G.judge(_result(o=20.0), b)
+    (f,) = judge_result(_result(o=20.0), b)
     assert (f.check, f.value, f.limit, f.severity) == ("o.in_floors", 20.0, 8.0, 2.5)
     assert "--backend be" in f.repro
-    (f,) = G.judge(_result(o=float("nan")), b)
+    (f,) = judge_result(_result(o=float("nan")), b)
     assert f.severity == math.inf
-    assert G.judge(_result(o=None, state=None), b) == []  # metric absent: nothing to bound
+    assert judge_result(_result(o=None, state=None), b) == []  # metric absent: nothing to bound
     bad = {
         "contract:untouched_rows": Contracts(untouched_rows=5, untouched_changed=[3]),
         "contract:padding": Contracts(padded_ok=False, padded_details=["row 1: output changed"]),
@@ -153,7 +163,7 @@ def test_statuses_contracts_and_budgets(tmp_path):
         "contract:state_written": Contracts(state_written=False),
     }
     for check, con in bad.items():
-        fs = G.judge(_result(contracts=con), b)
+        fs = judge_result(_result(contracts=con), b)
         assert [f.check for f in fs] == [check]
 
 
@@ -162,25 +172,26 @@ def test_decide_sorts_worst_first_and_counts(tmp_path):
     rs = [_result(backend="a", o=9.0, case=_case(seed=1)), _result(backend="a", o=80.0, case=_case(seed=2)),
           _result(backend="a", status="crash", case=_case(seed=3)), _result(backend="a", o=1.0, case=_case(seed=4)),
           _result(backend="b", status="unsupported", reason="no", case=_case(seed=1))]
-    v = G.decide(rs, b)
-    assert v.exit_code == G.EXIT_FAIL
+    v = judge_run(rs, b)
+    assert v.exit_code == Exit.FAIL
     assert [f.check for f in v.failures] == ["status:crash", "o.in_floors", "o.in_floors"]
     assert [f.value for f in v.failures[1:]] == [80.0, 9.0]
-    assert v.counts == {"results": 5, "pass": 1, "fail": 3, "unsupported": 1}
-    assert v.unsupported[0]["backend"] == "b"
-    md = G.markdown(v)
+    ev = v.evidence
+    assert (ev.results, ev.judged, ev.passed, ev.failed, ev.unsupported) == (5, 4, 1, 3, 1)
+    assert ev.unsupported_reasons == {"b": {"no": 1}}
+    md = verdict_markdown(v)
     assert "FAIL" in md and "gdncheck repro" in md and "status:crash" in md
     # a later line for the same pair (a resumed retry) replaces the earlier one
     fixed = _result(backend="a", o=1.0, case=_case(seed=2))
-    assert len(G.decide(rs + [fixed], b).failures) == 2
+    assert len(judge_run(rs + [fixed], b).failures) == 2
 
 
 def test_required_backend_that_ran_nothing_is_an_environment_failure(tmp_path):
     b = _budgets(tmp_path, '[[budget]]\nmetric = "o.in_floors"\nmax = 8\n')
     rs = [_result(backend="a"), _result(backend="gpu", status="unsupported", reason="needs CUDA")]
-    assert G.decide(rs, b).exit_code == G.EXIT_OK
-    v = G.decide(rs, b, require=["gpu"])
-    assert v.exit_code == G.EXIT_ENV and "needs CUDA" in v.messages[0]
+    assert judge_run(rs, b).exit_code == Exit.PASS
+    v = judge_run(rs, b, require=["gpu"])
+    assert v.exit_code == Exit.ENVIRONMENT and any("needs CUDA" in m for m in v.messages)
 
 
 def test_baseline_regressions_improvements_and_noise(tmp_path):
@@ -193,18 +204,18 @@ def test_baseline_regressions_improvements_and_noise(tmp_path):
            _result(o=9.0, state=10.0, case=c2),  # passed, now fails the budget
            _result(o=0.9, state=1.0, case=c3),  # x3 but below one floor: noise
            _result(o=3.0, case=c4)]  # failed, now passes; x10 better
-    v = G.decide(cur, b, baseline=base, regress_factor=1.5)
+    v = judge_run(cur, b, baseline=base, factor=1.5)
     regs = {(f.kind, f.check, f.case_id) for f in v.regressions}
     assert regs == {("regression", "state.in_floors", c1.id), ("now-fails", "passed in baseline", c2.id),
                     ("regression", "o.in_floors", c2.id)}
     imps = {(f.kind, f.case_id) for f in v.improvements}
     assert imps == {("now-passes", c4.id), ("improved", c4.id)}
-    assert v.exit_code == G.EXIT_FAIL
+    assert v.exit_code == Exit.FAIL
     # regressions alone fail a run whose results are all within budget
     ok = [_result(o=2.5, state=400.0, case=c1)]
-    v = G.decide(ok, b, baseline=base)
-    assert not v.failures and v.exit_code == G.EXIT_FAIL
-    assert G.decide(ok, b, baseline=base, regress_factor=5.0).exit_code == G.EXIT_OK
+    v = judge_run(ok, b, baseline=base)
+    assert not v.failures and v.exit_code == Exit.FAIL
+    assert judge_run(ok, b, baseline=base, factor=5.0).exit_code == Exit.PASS
 
 
 # ---------------------------------------------------------------- command line, end to end on CPU
@@ -214,20 +225,22 @@ def test_cli_pass_then_fault_fails_with_table_and_verdict_files(tmp_path):
     code, text = _gate("-s", suite, "-b", EXACT, "--out", tmp_path / "ok")
     assert code == 0, text
     verdict = json.loads((tmp_path / "ok" / "gate.json").read_text())
-    assert verdict["verdict"] == "pass" and verdict["counts"]["pass"] == 6
+    assert verdict["exit_code"] == 0 and verdict["evidence"]["passed"] == 6 == verdict["evidence"]["planned"]
     assert (tmp_path / "ok" / "gate.md").read_text().startswith("## gdncheck precision gate: PASS")
 
     code, text = _gate("-s", suite, "-b", FAULTY, "--out", tmp_path / "bad")
     assert code == 1, text
-    assert "contract:state_written" in text and "repro 1:" in text and "gdncheck repro" in text
+    assert "contract:state_written" in text and "repro: gdncheck repro" in text
+    assert f"--backend {FAULTY}" in text  # the repro line names the spec that loads the backend
     verdict = json.loads((tmp_path / "bad" / "gate.json").read_text())
-    assert verdict["verdict"] == "fail" and verdict["failures"][0]["backend"] == "fault-final_state_not_written"
+    assert verdict["exit_code"] == 1 and verdict["failures"][0]["backend"] == "fault-final_state_not_written"
 
     # judge an existing results file against itself as the baseline: no regressions
     res = tmp_path / "ok" / "results.jsonl"
     code, text = _gate("--results", res, "--baseline", res, "--out", tmp_path / "re")
     assert code == 0, text
-    assert json.loads((tmp_path / "re" / "gate.json").read_text())["counts"]["regressions"] == 0
+    v = json.loads((tmp_path / "re" / "gate.json").read_text())
+    assert v["regressions"] == [] and v["baseline"]["compared"] == 6 == v["baseline"]["identical"]
 
 
 def test_cli_budget_override_turns_red(tmp_path):
@@ -282,12 +295,14 @@ def test_shards_merged_equal_unsharded_run(tmp_path):
         shards.append(tmp_path / f"s{i}" / "results.jsonl")
     sizes = [len(load_results(p)[1]) for p in shards]
     assert sum(sizes) == 18 and max(sizes) < 18  # a real split, nothing lost or doubled
-    merged = G.merge_shards(shards, tmp_path / "merged.jsonl")
+    merged = _merge(shards, tmp_path / "merged.jsonl")
     assert _comparable(merged) == _comparable(tmp_path / "all" / "results.jsonl")
     code, _ = _gate("--results", merged, "--out", tmp_path / "mv")
     v_all = json.loads((tmp_path / "all" / "gate.json").read_text())
     v_merged = json.loads((tmp_path / "mv" / "gate.json").read_text())
-    assert code == 1 and v_merged["counts"] == v_all["counts"]
+    drop = ("shards", "results")
+    assert code == 1 and {k: v for k, v in v_merged["evidence"].items() if k not in drop} == \
+        {k: v for k, v in v_all["evidence"].items() if k not in drop}
     assert [f["case_id"] for f in v_merged["failures"]] == [f["case_id"] for f in v_all["failures"]]
 
 
@@ -296,19 +311,19 @@ def test_fan_out_one_process_per_gpu_then_merge(tmp_path, monkeypatch):
     suite = _suite(tmp_path, seeds=(1,))
     argv = ["--suite", str(suite), "--backend", EXACT, "--device", "cpu"]
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent))  # the children import crashy_backend
-    paths = G._fan_out(argv, 2, ["0", "1"], tmp_path / "fan")
+    paths = G.fan_out(argv, 2, ["0", "1"], tmp_path / "fan")
     for i, p in enumerate(paths):
         h, _ = load_results(p)
         assert h.shard == f"{i}/2"
-    merged = G.merge_shards(paths, tmp_path / "fan" / "results.jsonl")
+    merged = _merge(paths, tmp_path / "fan" / "results.jsonl")
     code, _ = _gate("-s", suite, "-b", EXACT, "--out", tmp_path / "one")
     assert code == 0
     assert _comparable(merged) == _comparable(tmp_path / "one" / "results.jsonl")
 
 
 def test_fan_out_propagates_config_errors(tmp_path):
-    with pytest.raises(G.GateConfigError, match="shard 0/1 exited 2"):
-        G._fan_out(["--suite", "no-such-suite", "--backend", EXACT, "--device", "cpu"], 1, ["0"], tmp_path / "fan")
+    with pytest.raises(UsageError, match="shard 0/1 exited 2"):
+        G.fan_out(["--suite", "no-such-suite", "--backend", EXACT, "--device", "cpu"], 1, ["0"], tmp_path / "fan")
 
 
 @pytest.mark.parametrize("wid,gpus,want", [
@@ -328,9 +343,11 @@ def test_visible_gpus_follows_cuda_visible_devices(monkeypatch):
 
 def test_results_file_round_trip_keeps_versions(tmp_path):
     h = RunHeader(run_id="r", suites=["x"], backends=["be"], environment=Environment())
+    for name in ("r.jsonl", "r.jsonl.gz", "r.jsonl.xz"):  # committed baselines are compressed
+        p = tmp_path / name
+        write_results(p, h, [_result()])
+        assert len(load_results(p)[1]) == 1
     p = tmp_path / "r.jsonl"
-    write_results(p, h, [_result()])
-    assert len(G.load_results(p, "results")) == 1
-    p.write_text(p.read_text().replace('"schema_version":1', '"schema_version":9', 1))
-    with pytest.raises(G.GateConfigError, match="baseline: .*schema version 9"):
-        G.load_results(p, "baseline")
+    p.write_text(p.read_text().replace('"schema_version":2', '"schema_version":9', 1))
+    with pytest.raises(UsageError, match="r.jsonl: schema version 9"):
+        load_results(p)

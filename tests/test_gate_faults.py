@@ -12,7 +12,9 @@ from gdncheck import gate as G
 from gdncheck.backends import faults as F
 from gdncheck.cli import app
 
-BUDGETS = G.load_budgets()
+from gdncheck.budgets import load_budgets  # noqa: E402
+
+BUDGETS = load_budgets()
 CLEAN = F.clean_twin()
 SEEDS = 20
 

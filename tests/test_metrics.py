@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gdncheck.backends.base import Outputs
-from gdncheck.cases import Case, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import materialize
 from gdncheck.metrics import _ULP_BINS, evaluate, nearest_rank, ordered_int, rel_l2, tensor_metrics, ulp_distance
 from gdncheck.oracle import expected
 

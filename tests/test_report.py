@@ -11,16 +11,25 @@ from typer.testing import CliRunner
 
 from gdncheck.backends import load_backend
 from gdncheck.backends.base import Outputs
-from gdncheck.cases import Case, materialize
-from gdncheck.drift import DriftResult, PositionCurve, RolloutCurve
+from gdncheck.data.case import Case
+from gdncheck.inputs import materialize
+from gdncheck.budgets import load_budgets
+from gdncheck.cli import app as _cli_app
+from gdncheck.data.drift import DriftResult, PositionCurve, RolloutCurve
+from gdncheck.data.io import ResultsError, load_results, merge_results, write_results
+from gdncheck.data.results import SCHEMA_VERSION, CaseResult, Contracts, Environment, RunHeader, TensorMetrics
+from gdncheck.judge import compare, judge_result, judge_run
 from gdncheck.metrics import evaluate
 from gdncheck.oracle import expected
-from gdncheck.report.cli import register
-from gdncheck.report.compare import compare
-from gdncheck.report.io import ResultsError, load_results, merge_results, write_results
-from gdncheck.report.render import render
-from gdncheck.report.schema import SCHEMA_VERSION, CaseResult, Contracts, Environment, RunHeader, TensorMetrics
-from gdncheck.report.summary import failure, summarize
+from gdncheck.report.render import render as _render
+from gdncheck.report.summary import summarize
+
+BUDGETS = load_budgets()
+
+
+def render(h, rs, out, **kw):
+    """Render with the judge's verdict over ``rs`` (the shipped budgets)."""
+    return _render(h, rs, judge_run(rs, BUDGETS, planned=h.planned), BUDGETS, out, **kw)
 
 BACKENDS = ["twin-fla", "twin-flashinfer"]
 
@@ -65,7 +74,7 @@ def test_schema_round_trip():
     assert back == r and back.case.id == c.id and back.metrics["intermediate"].in_floors == math.inf
     h = header(shard="0/2")
     assert RunHeader.model_validate_json(h.model_dump_json()) == h
-    assert failure(back).startswith("contract:")
+    assert [f.check for f in judge_result(back, BUDGETS)][:2] == ["contract:untouched_rows", "contract:padding"]
 
 
 def test_load_tolerates_truncated_tail(tmp_path):
@@ -92,9 +101,9 @@ def test_summary_counts():
     c = rs[0].case
     rs += [result(c, "fla-interp", status="unsupported"), result(c, "fla-interp2", status="crash"),
            result(c, "twin-x", contracts=Contracts(unwritten=4))]
-    s = summarize(header(), rs)
+    s = summarize(header(), rs, judge_run(rs, BUDGETS), BUDGETS)
     t = s["totals"]
-    assert t["cases"] == 15 and t["unsupported"] == 1 and t["crash"] == 1 and t["fail"] == 2 and t["passed"] == 12
+    assert t["results"] == 15 and t["unsupported"] == 1 and t["crash"] == 1 and t["fail"] == 2 and t["passed"] == 12
     g = {(x["backend"], x["op"], x["dtype"]): x for x in s["groups"]}
     twin = g[("twin-fla", "decode", "bfloat16")]
     vals = sorted(r.metrics["o"].in_floors for r in rs if r.backend == "twin-fla" and r.case.op == "decode"
@@ -146,7 +155,7 @@ def test_junit(tmp_path):
     assert len(cases) == len(rs)
     assert len(root.findall(".//skipped")) == 1
     fails = root.findall(".//failure")
-    assert len(fails) == 2 and any("untouched rows changed [3]" in f.get("message") for f in fails)
+    assert len(fails) == 2 and any("pool rows [3] changed" in f.get("message") for f in fails)
     assert sum(int(s.get("tests")) for s in root.findall("testsuite")) == len(rs)
 
 
@@ -174,13 +183,7 @@ def test_render_real_evaluations(tmp_path):
 # ---------------------------------------------------------------- compare, merge (CLI)
 
 def _app():
-    app = typer.Typer()
-    register(app)
-
-    @app.command("noop")  # a second command keeps "report" a subcommand group
-    def noop():
-        pass
-    return app
+    return _cli_app
 
 
 def test_compare_finds_planted_regression(tmp_path):
@@ -190,15 +193,17 @@ def test_compare_finds_planted_regression(tmp_path):
     victim.metrics["o"] = tm(a[4].metrics["o"].in_floors * 5)
     b[7] = result(b[7].case, b[7].backend, status="crash")
     a[2] = result(a[2].case, a[2].backend, status="error")  # fixed in b
-    cmp = compare(a, b)
-    assert [(x["case_id"], x["backend"], x["tensor"]) for x in cmp["regressions"]] == \
-        [(victim.case_id, victim.backend, "o")]
-    assert cmp["regressions"][0]["ratio"] == pytest.approx(5, rel=0.5)
-    assert [x["case_id"] for x in cmp["new_failures"]] == [b[7].case_id]
-    assert [x["case_id"] for x in cmp["fixed_failures"]] == [a[2].case_id]
-    assert cmp["regressed"]
-    assert not compare(a, a)["regressed"]
-    assert not compare(a, b, factor=10)["regressions"]
+    regs, imps, ev = compare(b, a, BUDGETS)
+    want = {("regression", victim.case_id, victim.backend, "o.in_floors"),
+            ("now-fails", b[7].case_id, b[7].backend, "passed in baseline")}
+    if victim.metrics["o"].in_floors > 8:  # past the shipped budget too
+        want.add(("now-fails", victim.case_id, victim.backend, "passed in baseline"))
+    assert {(f.kind, f.case_id, f.backend, f.check) for f in regs} == want
+    assert [f.severity for f in regs if f.kind == "regression"] == [pytest.approx(5, rel=0.5)]
+    assert [f.case_id for f in imps if f.kind == "now-passes"] == [a[2].case_id]
+    assert ev.compared == len(a) and ev.identical == len(a) - 3  # every pair judged in both; 3 changed
+    assert compare(a, a, BUDGETS)[0] == []
+    assert {f.kind for f in compare(b, a, BUDGETS, factor=10)[0]} == {"now-fails"}  # the x5 is below x10
 
     pa, pb = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     write_results(pa, header("A"), a)
@@ -206,8 +211,12 @@ def test_compare_finds_planted_regression(tmp_path):
     run = CliRunner().invoke
     res = run(_app(), ["report", "compare", str(pa), str(pb), "--json", str(tmp_path / "c.json")])
     assert res.exit_code == 1, res.output
-    assert "regressions" in res.output and json.loads((tmp_path / "c.json").read_text())["regressed"]
-    assert run(_app(), ["report", "compare", str(pa), str(pa)]).exit_code == 0
+    assert "regressions" in res.output and json.loads((tmp_path / "c.json").read_text())["regressions"]
+    res = run(_app(), ["report", "compare", str(pa), str(pa)])  # a's own error fails it; no regression
+    assert res.exit_code == 1 and "0 regressions" in res.output
+    clean = tmp_path / "clean.jsonl"
+    write_results(clean, header("C"), [r for r in a if r.status == "ok"])
+    assert run(_app(), ["report", "compare", str(clean), str(clean)]).exit_code == 0
 
 
 def test_merge_is_the_union(tmp_path):
@@ -222,8 +231,10 @@ def test_merge_is_the_union(tmp_path):
     key = lambda r: (r.case_id, r.backend)  # noqa: E731
     assert sorted(back, key=key) == sorted(rs, key=key)
     assert h.shard is None and h.backends == BACKENDS + ["fla-interp"]
-    h2, back2 = merge_results([p0, p1, p0])  # a shard given twice adds nothing
-    assert len(back2) == len(rs)
+    with pytest.raises(ResultsError, match="shard 0/2 given twice"):
+        merge_results([p0, p1, p0])
+    with pytest.raises(ResultsError, match="shard.s. 1/2 missing"):
+        merge_results([p0])
     d = json.loads(p1.read_text().splitlines()[0])
     d["schema_version"] = 99
     p1.write_text("\n".join([json.dumps(d)] + p1.read_text().splitlines()[1:]) + "\n")
@@ -249,17 +260,19 @@ def test_capability_matrix_marks_ok_wrong_and_unsupported(tmp_path):
     _sys.path.insert(0, str(_P(__file__).parent))
     from crashy_backend import mini_suite
 
-    from gdncheck.gate import judge, load_budgets
     from gdncheck.report import matrix
-    from gdncheck.report.io import load_results as _load
-    from gdncheck.run import run as _run
+    from gdncheck.data.io import load_results as _load
+    from gdncheck.run import run as _run_dir
+
+    def _run(*a, **kw):
+        return _run_dir(*a, **kw).dir.results
 
     suite = mini_suite(tmp_path, (1, 2))
     out = _run([str(suite)], ["crashy_backend:exact", "gdncheck.backends.faults:FinalStateNotWritten",
-                              "fla-interp"], tmp_path / "r.jsonl", device="cpu", isolate=False, progress=False)
+                              "fla-interp"], tmp_path / "r", device="cpu", isolate=False, progress=False)
     _, rs = _load(out)
     b = load_budgets()
-    m = matrix.build(rs, lambda r: judge(r, b))
+    m = matrix.build(rs, lambda r: judge_result(r, b))
     cells = m["cells"]
     exact, faulty = "test-exact", [x for x in m["backends"] if x not in ("test-exact", "fla-interp")][0]
     assert cells["prefill"][exact]["text"] == "ok 2"
@@ -280,11 +293,14 @@ def test_matrix_cli_joins_runs_in_header_order(tmp_path):
     from typer.testing import CliRunner
 
     from gdncheck.cli import app
-    from gdncheck.run import run as _run
+    from gdncheck.run import run as _run_dir
+
+    def _run(*a, **kw):
+        return _run_dir(*a, **kw).dir.results
 
     suite = mini_suite(tmp_path, (1,))
-    a = _run([str(suite)], ["twin-fla"], tmp_path / "a.jsonl", device="cpu", isolate=False, progress=False)
-    b = _run([str(suite)], ["crashy_backend:exact"], tmp_path / "b.jsonl", device="cpu", isolate=False,
+    a = _run([str(suite)], ["twin-fla"], tmp_path / "a", device="cpu", isolate=False, progress=False)
+    b = _run([str(suite)], ["crashy_backend:exact"], tmp_path / "b", device="cpu", isolate=False,
              progress=False)
     r = CliRunner().invoke(app, ["report", "matrix", str(a), str(b), "--out", str(tmp_path / "m")])
     assert r.exit_code == 0, r.output

@@ -3,8 +3,18 @@ import json
 import sys
 from pathlib import Path
 
-from gdncheck.report.io import load_results
-from gdncheck.run import read_done, run
+from gdncheck.data.io import load_results
+import gdncheck.run as RUN
+from gdncheck.run import run as _run_dir
+
+
+def run(*a, **kw):
+    """The run's results file (each call a fresh run directory unless resumed)."""
+    return _run_dir(*a, **kw).dir.results
+
+
+def read_done(path):
+    return {(r.case_id, r.backend) for r in load_results(path)[1]}
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -13,7 +23,7 @@ from crashy_backend import mini_suite as _suite  # noqa: E402
 
 def test_isolated_crash_is_recorded_and_others_survive(tmp_path):
     suite = _suite(tmp_path, [1, 2])
-    out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r.jsonl",
+    out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r",
               device="cpu", isolate=True, twin_spec=None, progress=False)
     header, res = load_results(out)
     assert header.backends == ["test-crashy", "test-exact"]
@@ -32,16 +42,16 @@ def test_isolated_crash_is_recorded_and_others_survive(tmp_path):
 
 def test_resume_skips_done_pairs_and_repairs_torn_line(tmp_path):
     suite = _suite(tmp_path, [3, 4])
-    out = tmp_path / "r.jsonl"
-    run([str(suite)], ["crashy_backend:exact"], out, device="cpu", isolate=False, twin_spec=None, progress=False)
+    out = run([str(suite)], ["crashy_backend:exact"], tmp_path / "r", device="cpu", isolate=False, twin_spec=None,
+              progress=False)
     lines = out.read_text().splitlines()
     assert len(lines) == 7
     # simulate a run killed mid-write: two results lost, the last one torn
     out.write_text("\n".join(lines[:4]) + "\n" + lines[4][: len(lines[4]) // 2])
     assert len(read_done(out)) == 3
     seen = []
-    run([str(suite)], ["crashy_backend:exact"], out, device="cpu", isolate=False, twin_spec=None,
-        progress=False, on_result=seen.append)
+    run([str(suite)], ["crashy_backend:exact"], tmp_path / "r", device="cpu", isolate=False, twin_spec=None,
+        progress=False, on_result=seen.append, resume=True)
     assert len(seen) == 3  # only the missing pairs ran
     final = out.read_text().splitlines()
     assert len(final) == 7
@@ -60,7 +70,7 @@ def test_unsupported_is_a_result(tmp_path):
     seen = []
     import crashy_backend
     crashy_backend.nopool = NoPool
-    run([str(suite)], ["crashy_backend:nopool"], tmp_path / "r.jsonl", device="cpu", isolate=False,
+    run([str(suite)], ["crashy_backend:nopool"], tmp_path / "r", device="cpu", isolate=False,
         twin_spec=None, progress=False, on_result=seen.append)
     st = {r.case.op: r for r in seen}
     assert st["decode"].status == "unsupported" and "pool" in st["decode"].reason
@@ -73,17 +83,22 @@ def test_report_gives_time_by_backend_with_compiles_apart(tmp_path):
     from gdncheck.report.summary import summarize
 
     suite = _suite(tmp_path, [6, 7])
-    out = run([str(suite)], ["crashy_backend:exact"], tmp_path / "r.jsonl", device="cpu", isolate=False,
+    out = run([str(suite)], ["crashy_backend:exact"], tmp_path / "r", device="cpu", isolate=False,
               twin_spec=None, progress=False)
     header, res = load_results(out)
     keys = {(r.case.op, r.case.T) for r in res}  # the default compile key differs by op and T here
     assert sum(r.timing.compile_s is not None for r in res) == len(keys)
     assert all(r.timing.run_s is not None and r.timing.oracle_s is not None for r in res)
-    s = summarize(header, res)
+    from gdncheck.budgets import load_budgets
+    from gdncheck.judge import judge_run
+
+    b = load_budgets()
+    v = judge_run(res, b, planned=header.planned)
+    s = summarize(header, res, v, b)
     (tm,) = s["timing"]
     assert tm["cases_run"] == len(res) and tm["compile_keys"] == len(keys)
     assert abs(tm["run_s"] - sum(r.timing.run_s for r in res)) < 1e-9
-    assert "## Time by backend" in markdown(s)
+    assert "## Time by backend" in markdown(s, v)
 
 
 # ---------------------------------------------------------------- parallel lanes (--jobs)
@@ -96,8 +111,8 @@ def _comparable(path):
 def test_jobs_give_the_same_results_as_one_process(tmp_path):
     suite = _suite(tmp_path, [1, 2])
     specs = ["crashy_backend:exact", "twin-fla"]
-    one = run([str(suite)], specs, tmp_path / "one.jsonl", device="cpu", isolate=False, progress=False)
-    par = run([str(suite)], specs, tmp_path / "par.jsonl", device="cpu", progress=False, jobs=3)
+    one = run([str(suite)], specs, tmp_path / "one", device="cpu", isolate=False, progress=False)
+    par = run([str(suite)], specs, tmp_path / "par", device="cpu", progress=False, jobs=3)
     header, res = load_results(par)
     assert header.jobs == 3
     assert len({r.worker.split("#")[0] for r in res}) > 1  # the work really spread over lanes
@@ -114,7 +129,7 @@ def test_jobs_give_the_same_results_as_one_process(tmp_path):
 
 def test_jobs_crash_is_recorded_and_other_lanes_go_on(tmp_path):
     suite = _suite(tmp_path, [1, 2, 3])
-    out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r.jsonl",
+    out = run([str(suite)], ["crashy_backend:crashy", "crashy_backend:exact"], tmp_path / "r",
               device="cpu", twin_spec=None, progress=False, jobs=2)
     _, res = load_results(out)
     by = {(r.backend, r.case.op, r.case.seed): r for r in res}
@@ -128,7 +143,7 @@ def test_jobs_crash_is_recorded_and_other_lanes_go_on(tmp_path):
 def test_jobs_rerun_out_of_memory_cases_alone(tmp_path, monkeypatch):
     monkeypatch.setenv("GDNCHECK_TEST_HUNGRY_FIRST", str(tmp_path / "flag"))
     suite = _suite(tmp_path, [1, 2])
-    out = run([str(suite)], ["crashy_backend:hungry"], tmp_path / "r.jsonl", device="cpu", twin_spec=None,
+    out = run([str(suite)], ["crashy_backend:hungry"], tmp_path / "r", device="cpu", twin_spec=None,
               progress=False, jobs=2)
     _, res = load_results(out)
     assert (tmp_path / "flag").exists()  # one prefill did run out of memory...
@@ -137,8 +152,8 @@ def test_jobs_rerun_out_of_memory_cases_alone(tmp_path, monkeypatch):
 
 def test_schedule_units_are_compile_keys_longest_first():
     from gdncheck.backends import load_backend
-    from gdncheck.cases import Case
-    from gdncheck.run import case_bytes, compile_key, schedule, schedule_key
+    from gdncheck.data.case import Case
+    from gdncheck.execute import case_bytes, schedule
 
     chunk, twin = load_backend("fla-chunk"), load_backend("twin-fla")
     small = [Case(op="decode", seqlens=[1] * n, H=2, HV=4, seed=s) for n in (1, 8) for s in (1, 2)]
@@ -149,7 +164,7 @@ def test_schedule_units_are_compile_keys_longest_first():
     units = schedule(pairs)
     assert sum(len(u) for u in units) == len(pairs)
     for u in units:
-        assert len({(b.name, compile_key(b, c)) for b, c in u}) == 1  # one compile per unit
+        assert len({(b.name, b.compile_key(c)) for b, c in u}) == 1  # one compile per unit
     assert [b for u in units[:3] for b, _ in u] == [chunk] * 6  # the long compiles (hint) start first,
     assert units[0] == [(chunk, big)] and units[3] == [(twin, big)]  # the biggest case first of each
     assert [len(u) for u in units] == [1, 4, 1, 1, 4, 1]  # then the larger units
@@ -159,14 +174,14 @@ def test_fla_units_join_the_ops_of_one_shape():
     """fla-chunk's prefill and decode of one shape are one unit (shared autotuning) yet keep
     their own compile keys (compile time is measured per key); other shapes stay apart."""
     from gdncheck.backends import load_backend
-    from gdncheck.cases import Case
-    from gdncheck.run import compile_key, schedule
+    from gdncheck.data.case import Case
+    from gdncheck.execute import schedule
 
     chunk = load_backend("fla-chunk")
     pre = Case(op="prefill", seqlens=[5, 9], H=2, HV=4, gate_source="precomputed", seed=1)
     dec = Case(op="decode", seqlens=[1] * 3, H=2, HV=4, gate_source="raw", seed=2)
     wide = Case(op="decode", seqlens=[1] * 3, H=4, HV=8, gate_source="raw", seed=3)
-    assert compile_key(chunk, pre) != compile_key(chunk, dec)
+    assert chunk.compile_key(pre) != chunk.compile_key(dec)
     units = schedule([(chunk, c) for c in (pre, dec, wide)])
     assert sorted(len(u) for u in units) == [1, 2]
     assert {c.id for _, c in max(units, key=len)} == {pre.id, dec.id}
@@ -174,7 +189,7 @@ def test_fla_units_join_the_ops_of_one_shape():
 
 def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
     """With a budget of one case at a time, two lanes never hold two cases at once."""
-    import gdncheck.run as R
+    import gdncheck.execute as R
 
     import time as _time
 
@@ -188,9 +203,9 @@ def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
         return res
 
     monkeypatch.setattr(R.Lane, "run", timed)
-    monkeypatch.setattr(R, "memory_budget", lambda device: 1)
+    monkeypatch.setattr(RUN, "memory_budget", lambda device: 1)
     suite = _suite(tmp_path, [1, 2])
-    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r.jsonl", device="cpu",
+    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r", device="cpu",
               progress=False, jobs=2)
     _, res = load_results(out)
     assert len(res) == 12 and all(r.status == "ok" for r in res)
@@ -209,9 +224,9 @@ def test_jobs_keep_cases_within_the_memory_budget(tmp_path, monkeypatch):
         return timed(self, *a)
 
     monkeypatch.setattr(R.Lane, "run", together)
-    monkeypatch.setattr(R, "memory_budget", lambda device: 1 << 40)
+    monkeypatch.setattr(RUN, "memory_budget", lambda device: 1 << 40)
     spans.clear()
-    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r2.jsonl", device="cpu",
+    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r2", device="cpu",
               progress=False, jobs=2)
     assert len(load_results(out)[1]) == 12 and not meet.broken
 
@@ -221,7 +236,7 @@ def test_admission_serves_in_turn_so_a_big_case_is_not_starved():
     asks after it waits behind it even though it would fit at once."""
     import threading
 
-    from gdncheck.run import Admission
+    from gdncheck.execute import Admission
 
     gate = Admission(10, threading.Condition())
     gate.acquire(3)
@@ -247,13 +262,13 @@ def test_admission_serves_in_turn_so_a_big_case_is_not_starved():
 
 def test_jobs_run_cases_past_the_budget_alone_at_the_end(tmp_path, monkeypatch):
     """Cases whose bytes exceed the budget run after every lane is done, one at a time."""
-    import gdncheck.run as R
+    import gdncheck.execute as R
 
     suite = _suite(tmp_path, [1, 2])
     real = R.case_bytes
-    monkeypatch.setattr(R, "memory_budget", lambda device: 1 << 40)
-    monkeypatch.setattr(R, "case_bytes", lambda c: (1 << 41) if c.op == "verify" else real(c))
-    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r.jsonl", device="cpu",
+    monkeypatch.setattr(RUN, "memory_budget", lambda device: 1 << 40)
+    monkeypatch.setattr(RUN, "case_bytes", lambda c: (1 << 41) if c.op == "verify" else real(c))
+    out = run([str(suite)], ["crashy_backend:exact", "twin-fla"], tmp_path / "r", device="cpu",
               progress=False, jobs=2)
     _, res = load_results(out)
     assert len(res) == 12 and all(r.status == "ok" for r in res)
@@ -267,7 +282,7 @@ def test_jobs_run_cases_past_the_budget_alone_at_the_end(tmp_path, monkeypatch):
 def test_jobs_settle_unsupported_pairs_without_the_memory_budget(tmp_path, monkeypatch):
     """Declared limits and a missing package are results at once: they take no share of the
     memory budget and no case of theirs reaches a worker; the cases that run record their start."""
-    import gdncheck.run as R
+    import gdncheck.execute as R
 
     sent = []
     real = R.Lane.run
@@ -277,9 +292,9 @@ def test_jobs_settle_unsupported_pairs_without_the_memory_budget(tmp_path, monke
         return real(self, spec, twin, case, base)
 
     monkeypatch.setattr(R.Lane, "run", spy)
-    monkeypatch.setattr(R, "memory_budget", lambda device: 1)
+    monkeypatch.setattr(RUN, "memory_budget", lambda device: 1)
     suite = _suite(tmp_path, [1, 2])
-    out = run([str(suite)], ["crashy_backend:absent", "fla-interp", "twin-fla"], tmp_path / "r.jsonl",
+    out = run([str(suite)], ["crashy_backend:absent", "fla-interp", "twin-fla"], tmp_path / "r",
               device="cpu", progress=False, jobs=2)
     _, res = load_results(out)
     assert len(res) == 18
@@ -298,7 +313,7 @@ def test_units_under_one_compile_lock_take_one_lane_at_a_time(tmp_path, monkeypa
     would only wait on the lock); units without a lock fill the other lanes."""
     import time as _time
 
-    import gdncheck.run as R
+    import gdncheck.execute as R
 
     spans: dict[str, list] = {}
     real = R.Lane.run
@@ -311,13 +326,15 @@ def test_units_under_one_compile_lock_take_one_lane_at_a_time(tmp_path, monkeypa
 
     monkeypatch.setattr(R.Lane, "run", timed)
     suite = _suite(tmp_path, [1, 2, 3])
-    locked, twin = R.load_backend("crashy_backend:locked"), R.load_backend("twin-fla")
-    cases = R.plan([str(suite)], [twin])
+    from gdncheck.backends import load_backend
+    locked, twin = load_backend("crashy_backend:locked"), load_backend("twin-fla")
+    from gdncheck.run import plan
+    cases = plan([str(suite)], [twin])
     units = R.schedule([(twin, c) for _, c in cases] + [(locked, c) for _, c in cases])
-    n_locked = len({R.compile_key(locked, c) for _, c in cases})
+    n_locked = len({locked.compile_key(c) for _, c in cases})
     assert n_locked == 3 and all(R.unit_lock(u) == "test-lock" for u in units[:n_locked])
     assert all(R.unit_lock(u) is None for u in units[n_locked:])
-    out = run([str(suite)], ["twin-fla", "crashy_backend:locked"], tmp_path / "r.jsonl", device="cpu",
+    out = run([str(suite)], ["twin-fla", "crashy_backend:locked"], tmp_path / "r", device="cpu",
               progress=False, jobs=3)
     _, res = load_results(out)
     assert len(res) == 18 and all(r.status == "ok" for r in res)

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given, settings
 
 from gdncheck.backends.base import Backend, Capabilities
-from gdncheck.cases import Case
+from gdncheck.data.case import Case
 from gdncheck.strategies import (HEADS, cases, load_profile, profile_name, random_cases,
                                  register_profiles)
 

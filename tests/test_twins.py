@@ -18,7 +18,8 @@ import torch
 
 from gdncheck.backends import load_backend
 from gdncheck.backends.twins import FLATwin, FlashInferTwin
-from gdncheck.cases import Case, materialize
+from gdncheck.data.case import Case
+from gdncheck.inputs import materialize
 from gdncheck.oracle import expected
 from gdncheck_reference import OUT_CALLER, OUT_ORACLE, ROW_UNTOUCHED, ROW_WRITTEN
 

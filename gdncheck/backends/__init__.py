@@ -11,6 +11,7 @@ import sys
 from importlib.metadata import entry_points
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
+from gdncheck.data.errors import UsageError
 
 __all__ = ["Backend", "Capabilities", "Outputs", "BUILTIN", "BackendNotFound", "load_backend",
            "known_backends", "default_backends"]
@@ -48,8 +49,8 @@ BUILTIN: dict[str, str] = {
 }
 
 
-class BackendNotFound(LookupError):
-    """Unknown backend name or unloadable plugin spec."""
+class BackendNotFound(UsageError):
+    """Unknown backend name, or a plugin spec that does not load or does not make a Backend."""
 
 
 def _plugins() -> dict[str, object]:
@@ -84,11 +85,17 @@ def load_backend(spec: str) -> Backend:
             sys.path.append(os.getcwd())
         try:
             factory = getattr(importlib.import_module(mod), attr)
-        except (ImportError, AttributeError) as e:
-            raise BackendNotFound(f"backend {spec!r}: cannot load {target}: {e}") from None
-    backend = factory()
+        except Exception as e:  # noqa: BLE001 - any failure to import a plugin is the user's to fix
+            raise BackendNotFound(f"backend {spec!r}: cannot load {target}: {type(e).__name__}: {e}") from None
+    if not callable(factory):
+        raise BackendNotFound(f"backend {spec!r}: {type(factory).__name__} object is not a factory")
+    try:
+        backend = factory()
+    except Exception as e:  # noqa: BLE001 - a plugin factory that raises is a configuration error
+        raise BackendNotFound(f"backend {spec!r}: its factory raised {type(e).__name__}: {e}") from None
     if not isinstance(backend, Backend):
-        raise BackendNotFound(f"backend {spec!r}: factory returned {type(backend).__name__}, not a Backend")
+        raise BackendNotFound(f"backend {spec!r}: factory returned {type(backend).__name__}, not a "
+                              "gdncheck.backends.Backend")
     return backend
 
 

@@ -13,7 +13,8 @@ from typing import ClassVar
 import torch
 from pydantic import BaseModel, Field
 
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 
 @dataclass
@@ -76,8 +77,25 @@ class Backend:
     # parallel runs (``--jobs``) start the longest compiles first
     compile_hint_s: ClassVar[float] = 0.0
 
+    # ablation switches this backend can express (``gdncheck ablate``): names from
+    # gdncheck.ablate.SWITCH_NAMES; the twins take all of them through constructor knobs
+    ablation_knobs: ClassVar[frozenset[str]] = frozenset()
+    # why a switch is not expressible on this backend, where that is worth saying (switch -> why)
+    ablation_notes: ClassVar[dict[str, str]] = {}
+
     def version(self) -> str:
         return "n/a"
+
+    def compile_key(self, case: Case) -> tuple:
+        """Cases with equal keys reuse one compiled kernel (T, heads, dims, dtypes, layout, scale
+        are compile-time for most kernels); the first case of a key reports its compile time."""
+        return (case.op, case.T if case.op != "prefill" else 0, case.H, case.HV, case.K, case.V, case.dtype,
+                case.state_dtype, case.layout, case.scale, case.l2norm, case.gate_source, case.intermediate)
+
+    def schedule_key(self, case: Case) -> tuple:
+        """Cases with equal keys run in one process one after another (a compile unit): the compile
+        key, or a coarser key where the kernels share compiled or autotuned state across keys."""
+        return self.compile_key(case)
 
     def compile_lock(self, case: Case) -> str | None:
         """Name of a lock under which the kernel package compiles ``case``'s kernel, one build at a

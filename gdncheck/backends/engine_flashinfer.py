@@ -37,7 +37,8 @@ import torch
 from gdncheck.backends.base import Capabilities, Outputs
 from gdncheck.backends.engines import EngineBackend, engine_version
 from gdncheck.backends.flashinfer import _fi_available, _fi_version
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 _CAPS = Capabilities(
     ops={"decode"}, dtypes={"bfloat16"}, state_dtypes={"float32"}, layouts={"k_last"}, K={128}, V={128},

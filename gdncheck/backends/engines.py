@@ -349,7 +349,7 @@ def fix_bf16_dot() -> bool:
 # ------------------------------------------------------------------ backend base
 
 from gdncheck.backends.base import Backend  # noqa: E402
-from gdncheck.cases import Case  # noqa: E402
+from gdncheck.data.case import Case  # noqa: E402
 
 
 class EngineBackend(Backend):

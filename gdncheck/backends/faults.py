@@ -14,7 +14,8 @@ import torch
 
 from gdncheck.backends.base import Backend
 from gdncheck.backends.twins import FlashInferTwin, Plan
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 
 def clean_twin() -> FlashInferTwin:
@@ -219,30 +220,8 @@ FAULTS: dict[str, Callable[[], Backend]] = {cls.fault: cls for cls in _CLASSES}
 
 
 def fault_cases() -> list[Case]:
-    """Small CPU cases on which the gate must catch every fault in :data:`FAULTS`.
+    """The ``faults`` suite (``cases/faults.toml``): small CPU cases on which the gate must catch
+    every fault in :data:`FAULTS` while the clean twin passes."""
+    from gdncheck.suites import load_suite
 
-    Together they cover: pools with padding under each policy of the clean twin (decode fp32
-    ``skip``, verify ``caller_value``, bf16-state ``null_slot``), slot indices >= 4096 at
-    HV = 32 (small K, V), zero-length varlen and T crossing chunk boundaries (65, 129), GVA and
-    GQA, verify with intermediate states, raw and precomputed gates, both layouts, fp32 inputs
-    (where precision faults stand far above the twin's floor).
-    """
-    return [
-        Case(name="fault-decode-pad-skip", op="decode", seqlens=[1] * 4, H=4, HV=8, K=32, V=32,
-             gate_source="raw", layout="k_last", pool_size=12, read_indices=[0, 5, -1, 9], seed=101,
-             tags=["faults"]),
-        Case(name="fault-verify-fp32-inter", op="verify", seqlens=[6] * 3, H=2, HV=4, K=32, V=32,
-             dtype="float32", gate_source="raw", layout="v_last", intermediate=True, pool_size=8,
-             read_indices=[2, -1, 6], write_indices=[3, -1, 7], seed=102, tags=["faults"]),
-        Case(name="fault-prefill-varlen", op="prefill", seqlens=[65, 0, 129, 7], H=2, HV=4, K=32, V=32,
-             layout="k_last", pool_size=8, read_indices=[1, 4, 6, 2], write_indices=[1, 5, 6, 3],
-             seed=103, tags=["faults"]),
-        Case(name="fault-prefill-gqa-fp32", op="prefill", seqlens=[70, 3], H=4, HV=2, K=16, V=16,
-             dtype="float32", gate_source="raw", layout="v_last", seed=104, tags=["faults"]),
-        Case(name="fault-decode-bf16-null-slot", op="decode", seqlens=[1] * 4, H=2, HV=4, K=16, V=16,
-             state_dtype="bfloat16", gate_source="raw", layout="v_last", pool_size=10,
-             read_indices=[3, -1, 7, 1], seed=105, tags=["faults"]),
-        Case(name="fault-decode-slot-4096", op="decode", seqlens=[1] * 4, H=16, HV=32, K=8, V=8,
-             layout="k_last", pool_size=4100, read_indices=[4097, 3, 4099, 10], seed=106,
-             tags=["faults"]),
-    ]
+    return load_suite("faults")

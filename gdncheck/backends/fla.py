@@ -25,7 +25,8 @@ from importlib.metadata import version as _pkg_version
 import torch
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
-from gdncheck.cases import DTYPES, Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import DTYPES, Inputs
 
 _MAX_K = 256  # FLA's head-dim limit (one block along K)
 
@@ -85,6 +86,8 @@ class _FLABase(Backend):
     zero_length_policy = "passthrough"
     twin = "twin-fla"
     compile_hint_s = 5.0
+    # FLA_USE_FAST_OPS=1 swaps in fast exp/log at import: arm B runs in a fresh process
+    ablation_knobs = frozenset({"fast-math"})
 
     def version(self) -> str:
         return _fla_version()
@@ -217,6 +220,8 @@ class FLAInterpreter(_FLABase):
     name = "fla-interp"
     kernel = "recurrent"
     caps = _FLABase.caps.model_copy(update={"device": "cpu"})
+    ablation_knobs = frozenset()
+    ablation_notes = {"fast-math": "the Triton interpreter has no libdevice fast_expf (FLA_USE_FAST_OPS=1 fails to run)"}
     _MAX_DIM = 64
 
     def available(self) -> str | None:

@@ -25,7 +25,8 @@ from importlib.metadata import version as _pkg_version
 import torch
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 
 def _fi_version() -> str:
@@ -59,6 +60,7 @@ def _dt(t: torch.dtype) -> str:
 class _FlashInferBase(Backend):
     family = "flashinfer"
     twin = "twin-flashinfer"
+    ablation_notes = {"fast-math": "FlashInfer has no switch (its decode kernels always use fast exp/log)"}
     compile_hint_s = 10.0  # CuTe DSL / CUTLASS JIT per compile key
 
     def version(self) -> str:
@@ -95,6 +97,8 @@ class FlashInferPrefill(_FlashInferBase):
     )
     padding_policy = {}
     zero_length_policy = "untouched"
+    # the adapter computes alpha = exp(g) in fp32 (the kernel takes linear-space alpha)
+    ablation_knobs = frozenset({"exp-precision"})
 
     def __init__(self, use_cp: str | bool = "auto"):
         if use_cp not in ("auto", True, False):

@@ -37,7 +37,8 @@ import torch
 
 from gdncheck.backends.base import Capabilities, Outputs
 from gdncheck.backends.engines import EngineBackend
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 _FS = "linear.fused_sigmoid_gating_recurrent"
 _FR = "fla.fused_recurrent"

@@ -42,6 +42,18 @@ Knobs (constructor keywords; defaults are the kernel family's behaviour):
   FlashInfer's decode kernels use them, but their error (a few fp32 ulp on the gates) is far
   below the bf16 output floor, so the default leaves them off.
 - ``padding``: per-op padding policy override, e.g. ``{"decode": "null_slot"}``.
+- ``inv_dtype``: dtype ``(I + A)`` and its inverse are held in (prefill); None = the family's
+  (FLA: the store dtype, FlashInfer: fp16).
+- ``store_dtype``: dtype of the values kept between stages of the chunked form (normalised
+  q/k are still the input dtype); None = the input dtype (both families); "float32" models a
+  kernel that keeps them in fp32.
+- ``per_step_state_round``: round a non-fp32 state after every token on decode/verify; None =
+  the family's (FLA no, FlashInfer yes).
+- ``bf16_output``: decode/verify load fp16 inputs as bf16 and produce the output in bf16; None
+  = the family's (FLA no, FlashInfer yes). Invisible with bf16 inputs (the output is bf16 anyway).
+- ``raw_gate_math``: "float32" (gates computed from raw ``a, b`` in fp32 in the kernel) or
+  "exact" (the case's fp32 ``g``, ``beta``, rounded once from float64, as an adapter that
+  precomputes gates exactly would pass them). Only raw-gate cases see it.
 
 A case that names a ``padding`` policy gets it (a twin can emulate all three); otherwise the
 family's policy applies: FlashInfer decode fp32 T=1 ``skip``, non-fp32 state ``null_slot``,
@@ -64,7 +76,8 @@ from dataclasses import dataclass
 import torch
 
 from gdncheck.backends.base import Backend, Capabilities, Outputs
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 from gdncheck_reference import from_v_last, to_v_last
 
 _DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
@@ -113,6 +126,7 @@ class _Twin(Backend):
 
     family = "twin"
     caps = Capabilities(gqa=True, device="any")
+    ablation_knobs = frozenset({"beta-quant", "exp-precision", "state-dtype", "gate-source", "l2norm", "fast-math"})
     zero_length_policy = "passthrough"
     # family specifics, set by subclasses
     _inv_dtype: torch.dtype | None = None  # dtype of (I + A)^-1 in prefill; None = input dtype
@@ -122,7 +136,9 @@ class _Twin(Backend):
     def __init__(self, *, beta_dtype: str | None = None, exp_dtype: str = "float32",
                  compute_dtype: str = "float32", state_dtype: str | None = None,
                  l2norm_in_kernel: bool = True, fast_math: bool = False,
-                 padding: dict[str, str] | None = None):
+                 padding: dict[str, str] | None = None, inv_dtype: str | None = None,
+                 store_dtype: str | None = None, per_step_state_round: bool | None = None,
+                 bf16_output: bool | None = None, raw_gate_math: str = "float32"):
         self.beta_dtype = _dt(beta_dtype, "beta_dtype")
         self.exp_dtype = _dt(exp_dtype, "exp_dtype")
         if self.exp_dtype not in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
@@ -134,9 +150,22 @@ class _Twin(Backend):
         self.l2norm_in_kernel = bool(l2norm_in_kernel)
         self.fast_math = bool(fast_math)
         self._padding = dict(padding or {})
+        # family specifics as knobs: None keeps the class (family) value
+        if inv_dtype is not None:
+            self._inv_dtype = _dt(inv_dtype, "inv_dtype")
+        self.store_dtype = _dt(store_dtype, "store_dtype")
+        if per_step_state_round is not None:
+            self._per_step_state_round = bool(per_step_state_round)
+        if bf16_output is not None:
+            self._bf16_output = bool(bf16_output)
+        if raw_gate_math not in ("float32", "exact"):
+            raise ValueError(f"raw_gate_math: float32 or exact, got {raw_gate_math!r}")
+        self.raw_gate_math = raw_gate_math
         self.knobs = {"beta_dtype": beta_dtype, "exp_dtype": exp_dtype, "compute_dtype": compute_dtype,
                       "state_dtype": state_dtype, "l2norm_in_kernel": l2norm_in_kernel,
-                      "fast_math": fast_math, "padding": padding}
+                      "fast_math": fast_math, "padding": padding, "inv_dtype": inv_dtype,
+                      "store_dtype": store_dtype, "per_step_state_round": per_step_state_round,
+                      "bf16_output": bf16_output, "raw_gate_math": raw_gate_math}
 
     def version(self) -> str:
         from importlib.metadata import PackageNotFoundError, version
@@ -170,7 +199,7 @@ class _Twin(Backend):
     def _gates(self, inputs: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(g, alpha, beta)`` ``[B, T, HS]`` in the compute dtype, as the kernel uses them."""
         c, cd = inputs.case, self.cdt
-        if c.gate_source == "raw":
+        if c.gate_source == "raw" and self.raw_gate_math == "float32":
             x = inputs.a.to(cd) + inputs.dt_bias.to(cd)
             sp = torch.where(x > 20.0, x, self._log(1.0 + self._exp(torch.clamp(x, max=20.0))))
             g = -self._exp(inputs.A_log.to(cd)) * sp
@@ -319,7 +348,7 @@ class _Twin(Backend):
 
         inter = None
         if chunked:
-            o, S = self._chunked(qs, ks, vs, gs, bs, S0, scale, in_dt)
+            o, S = self._chunked(qs, ks, vs, gs, bs, S0, scale, self.store_dtype or in_dt)
         else:
             per_step = st_dt if (self._per_step_state_round and st_dt != torch.float32) else None
             o, S, inter = self._recurrent(qs, ks, vs, als, bs, S0, scale, per_step, c.intermediate)

@@ -33,7 +33,8 @@ import torch
 
 from gdncheck.backends.base import Capabilities, Outputs
 from gdncheck.backends.engines import EngineBackend
-from gdncheck.cases import Case, Inputs
+from gdncheck.data.case import Case
+from gdncheck.inputs import Inputs
 
 _FR = "fused_recurrent"
 _FS = "fused_sigmoid_gating"

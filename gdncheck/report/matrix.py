@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Callable
 
-from gdncheck.cases import Case
-from gdncheck.report.schema import CaseResult
+from gdncheck.data.case import Case
+from gdncheck.data.results import CaseResult
 
 # feature -> predicate over a case; the order is the table's column order
 FEATURES: dict[str, Callable[[Case], bool]] = {
@@ -84,18 +84,21 @@ def build(results: list[CaseResult], judge: Callable[[CaseResult], list], order:
     ``order`` (e.g. the run headers' lists), then any others as they first appear."""
     seen = {r.backend for r in results}
     backends = list(dict.fromkeys([b for b in order if b in seen] + [r.backend for r in results]))
+    versions = {b: sorted({r.backend_version for r in results if r.backend == b and r.backend_version}) for b in backends}
     cells = {}
     for feat, pred in FEATURES.items():
         row = {}
         for b in backends:
             row[b] = cell([r for r in results if r.backend == b and pred(r.case)], judge)
         cells[feat] = row
-    return {"backends": backends, "features": list(FEATURES), "cells": cells}
+    return {"backends": backends, "versions": versions, "features": list(FEATURES), "cells": cells}
 
 
 def markdown(m: dict) -> str:
     """The matrix as a Markdown table, features as rows, backends as columns."""
-    lines = ["| feature | " + " | ".join(m["backends"]) + " |", "|---" * (len(m["backends"]) + 1) + "|"]
+    vers = m.get("versions", {})
+    head = [b + (f" ({', '.join(vers[b])})" if vers.get(b) else "") for b in m["backends"]]
+    lines = ["| feature | " + " | ".join(head) + " |", "|---" * (len(m["backends"]) + 1) + "|"]
     for feat in m["features"]:
         lines.append(f"| {feat} | " + " | ".join(m["cells"][feat][b]["text"] for b in m["backends"]) + " |")
     return "\n".join(lines) + "\n"

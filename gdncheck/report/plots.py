@@ -12,7 +12,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from gdncheck.report.schema import CaseResult  # noqa: E402
+from gdncheck.data.results import CaseResult  # noqa: E402
 from gdncheck.report.summary import TENSORS, group_key  # noqa: E402
 
 

@@ -9,8 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
-from gdncheck.report.schema import CaseResult, RunHeader
-from gdncheck.report.summary import STATUSES, failure, outcome, summarize
+from gdncheck.budgets import Budgets
+from gdncheck.data.results import CaseResult, RunHeader
+from gdncheck.data.verdict import Verdict
+from gdncheck.judge import outcome
+from gdncheck.report.summary import STATUSES, summarize
+from gdncheck.report.verdict import verdict_markdown
 
 
 def _f(v, spec: str = ".3g") -> str:
@@ -31,17 +35,15 @@ def _case_label(c: dict) -> str:
 
 # --------------------------------------------------------------------------- markdown
 
-def markdown(summary: dict, drift: list | None = None) -> str:
+def markdown(summary: dict, verdict: Verdict, drift: list | None = None) -> str:
     """GitHub-flavoured Markdown (fine in a terminal and in ``$GITHUB_STEP_SUMMARY``)."""
-    t = summary["totals"]
     env = summary.get("environment", {})
     lines = [f"# gdncheck report: run `{summary['run_id']}`", ""]
     envs = ", ".join(f"{k} {v}" for k, v in env.items() if k in ("gpu", "torch", "triton", "flashinfer", "fla",
-                                                                   "gdncheck", "git_rev") and v)
+                                                                   "sglang", "vllm", "gdncheck", "git_rev") and v)
     lines += [f"Suites: {', '.join(summary['suites']) or '–'}. Backends: {', '.join(summary['backends']) or '–'}.",
-              f"Environment: {envs or '–'}.", "",
-              f"**{t['passed']} passed, {t['fail']} failed, {t['unsupported']} unsupported** of {t['cases']} "
-              f"(case x backend); status: " + ", ".join(f"{s} {t[s]}" for s in STATUSES), ""]
+              f"Environment: {envs or '–'}. Budgets: {', '.join(summary.get('budgets', [])) or 'shipped'}.", ""]
+    lines += verdict_markdown(verdict, title="Verdict").splitlines() + [""]
     lines += ["## By backend, op, dtype", "",
               "In rounding floors (`rel_l2 / rel_l2(oracle rounded to dtype)`): median / p99 / max.", "",
               "| backend | op | dtype | pass | fail | unsup. | error | nan | crash | o | state | intermediate |",
@@ -66,17 +68,23 @@ def markdown(summary: dict, drift: list | None = None) -> str:
                          f"| {tm['run_s']:.2f} | {tm['oracle_s']:.1f} | {tm.get('wall_s', 0.0):.1f} |")
         lines.append("")
     if summary["failures"]:
-        lines += [f"## Failures ({len(summary['failures'])})", ""]
+        lines += [f"## Failed results ({len(summary['failures'])})", ""]
         for c in summary["failures"][:50]:
-            lines += [f"- **{_case_label(c)}**: {c['failure']}", "", "  ```", f"  {c['repro']}", "  ```", ""]
+            lines += [f"- **{_case_label(c)}** (path `{c['path'] or '-'}`): {c['failure']}", "", "  ```",
+                      f"  {c['repro']}", "  ```", ""]
         if len(summary["failures"]) > 50:
             lines += [f"... and {len(summary['failures']) - 50} more (summary.json).", ""]
     if summary["worst"]:
-        lines += ["## Worst cases", "", "| case | status | o | state | intermediate |", "|---|---|--:|--:|--:|"]
+        lines += ["## Worst results beside their budgets", "",
+                  "Each budgeted metric as value / budget (headroom = budget / value; below 1 fails). "
+                  "A large value in floors can pass: fp32 states of chunked kernels sit at 1e4-1e5 fp32 floors "
+                  "because bf16 products feed them, and their budget says so (budgets.toml).", "",
+                  "| case | outcome | metric | value | budget | headroom |", "|---|---|---|--:|--:|--:|"]
         for c in summary["worst"]:
-            f = c["in_floors"]
-            lines.append(f"| {_case_label(c)} | {c['status']}{' (fail)' if c['failure'] else ''} | "
-                         f"{_f(f.get('o'))} | {_f(f.get('state'))} | {_f(f.get('intermediate'))} |")
+            for i, k in enumerate(c["checks"] or [{"metric": "-", "value": None, "budget": None, "headroom": None}]):
+                label = f"{_case_label(c)}" if i == 0 else ""
+                lines.append(f"| {label} | {c['outcome'] if i == 0 else ''} | {k['metric']} | {_f(k['value'])} "
+                             f"| {_f(k['budget'])} | {_f(k['headroom'])} |")
         lines += ["", "Repro:", "", "```"] + [c["repro"] for c in summary["worst"]] + ["```", ""]
     for d in drift or []:
         lines += _drift_md(d)
@@ -174,26 +182,28 @@ def html_page(summary: dict, figures: list[tuple[str, str]], md: str) -> str:
 
 # --------------------------------------------------------------------------- junit
 
-def junit(header: RunHeader, results: list[CaseResult]) -> str:
-    """JUnit XML: one testsuite per backend, one testcase per (case, backend); failure for
-    error/nan/crash or a broken contract (or a fail verdict), skipped for unsupported."""
+def junit(header: RunHeader, results: list[CaseResult], budgets: Budgets) -> str:
+    """JUnit XML: one testsuite per backend, one testcase per (case, backend); a failure where the
+    judge fails the result (status, contract or budget), skipped for unsupported."""
+    from gdncheck.judge import judge_result
+
     root = ET.Element("testsuites", name=f"gdncheck {header.run_id}")
     by_backend: dict[str, list[CaseResult]] = {}
     for r in results:
         by_backend.setdefault(r.backend, []).append(r)
     for backend, rs in by_backend.items():
         suite = ET.SubElement(root, "testsuite", name=backend, tests=str(len(rs)),
-                              failures=str(sum(outcome(r) == "fail" for r in rs)),
-                              skipped=str(sum(outcome(r) == "skip" for r in rs)), errors="0")
+                              failures=str(sum(outcome(r, budgets) == "fail" for r in rs)),
+                              skipped=str(sum(outcome(r, budgets) == "unsupported" for r in rs)), errors="0")
         for r in rs:
             tc = ET.SubElement(suite, "testcase", classname=f"gdncheck.{backend}.{r.case.op}",
                                name=f"{r.case.name or r.case_id}[{r.case_id}]",
                                time=f"{(r.timing.run_s or 0.0):.4f}")
-            o = outcome(r)
-            if o == "skip":
+            found = judge_result(r, budgets)
+            if r.status == "unsupported":
                 ET.SubElement(tc, "skipped", message=r.reason or "unsupported")
-            elif o == "fail":
-                why = failure(r) or ""
+            elif found:
+                why = "; ".join(f"{f.check}: {f.detail}" for f in found)
                 el = ET.SubElement(tc, "failure", message=why[:500], type=r.status)
                 el.text = f"{why}\nrepro: {r.repro or r.case.repro()}"
             so = ET.SubElement(tc, "system-out")
@@ -213,20 +223,21 @@ class Rendered:
     figures: list[str] = field(default_factory=list)
 
 
-def render(header: RunHeader, results: list[CaseResult], out: str | Path, *, drift: list | None = None,
-           plots: bool = True) -> Rendered:
-    """Write ``summary.json``, ``report.md``, ``report.html`` and ``junit.xml`` into ``out``.
+def render(header: RunHeader, results: list[CaseResult], verdict: Verdict, budgets: Budgets, out: str | Path, *,
+           drift: list | None = None, plots: bool = True) -> Rendered:
+    """Write ``summary.json``, ``report.md``, ``report.html``, ``junit.xml`` and ``verdict.json`` into ``out``.
 
     Args:
-        drift: :class:`gdncheck.drift.DriftResult` objects to include (curves and tables).
+        verdict: the judge's verdict over ``results`` (:func:`gdncheck.judge.judge_run`).
+        drift: :class:`gdncheck.data.drift.DriftResult` objects to include (curves and tables).
         plots: False skips matplotlib (HTML without figures).
     """
     from gdncheck.report import plots as P
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    summary = summarize(header, results)
-    md = markdown(summary, drift)
+    summary = summarize(header, results, verdict, budgets)
+    md = markdown(summary, verdict, drift)
     figs: list[tuple[str, str]] = []
     if plots:
         for title, fig in P.error_figures(results):
@@ -235,27 +246,10 @@ def render(header: RunHeader, results: list[CaseResult], out: str | Path, *, dri
             for title, fig in P.drift_figures(d):
                 figs.append((title, P.to_base64(fig)))
     files = {"summary": out / "summary.json", "markdown": out / "report.md", "html": out / "report.html",
-             "junit": out / "junit.xml"}
-    files["summary"].write_text(json.dumps(summary, indent=1))
+             "junit": out / "junit.xml", "verdict": out / "verdict.json"}
+    files["summary"].write_text(json.dumps(summary, indent=1, default=str) + "\n")
     files["markdown"].write_text(md + "\n")
     files["html"].write_text(html_page(summary, figs, md))
-    files["junit"].write_text(junit(header, results))
+    files["junit"].write_text(junit(header, results, budgets))
+    files["verdict"].write_text(verdict.model_dump_json(indent=1) + "\n")
     return Rendered(summary=summary, files=files, figures=[t for t, _ in figs])
-
-
-def render_cli(results: str | Path, out: str | Path, *, drift: list[str | Path] = (), plots: bool = True) -> Rendered:
-    """Load a results JSONL (and drift JSON files), render into ``out``, print a summary table."""
-    from rich.console import Console
-
-    from gdncheck.drift import load_drift
-    from gdncheck.report.cli import summary_table
-    from gdncheck.report.io import load_results
-
-    header, rs = load_results(results)
-    r = render(header, rs, out, drift=[load_drift(p) for p in drift], plots=plots)
-    con = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
-    con.print(summary_table(r.summary))
-    t = r.summary["totals"]
-    con.print(f"{t['passed']} passed, {t['fail']} failed, {t['unsupported']} unsupported of {t['cases']}; "
-              f"report: {r.files['html']}")
-    return r

@@ -1,48 +1,23 @@
-"""Verdict per result, grouping per backend x op x dtype, and the summary JSON."""
+"""The data of a report: per backend x op x dtype counts and floors, time, failures, worst cases.
+
+Outcomes come from the judge (:mod:`gdncheck.judge`); nothing here decides pass or fail.
+"""
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 
-from gdncheck.report.schema import SCHEMA_VERSION, CaseResult, RunHeader
+from gdncheck.budgets import Budgets
+from gdncheck.data.results import SCHEMA_VERSION, CaseResult, RunHeader
+from gdncheck.data.verdict import Verdict
+from gdncheck.judge import checks, fmt, judge_result, outcome
 
 STATUSES = ("ok", "unsupported", "error", "nan", "crash")
 TENSORS = ("o", "state", "intermediate")
 
 
-def failure(r: CaseResult) -> str | None:
-    """Why ``r`` fails, or None. Fails: status error/nan/crash, any broken contract, or a
-    ``fail`` verdict the runner recorded in ``extra['verdict']`` (budget exceeded)."""
-    if r.status in ("error", "nan", "crash"):
-        return f"{r.status}: {r.reason or ''}".strip().rstrip(":")
-    c = r.contracts
-    if c is not None and not c.ok:
-        why = []
-        if c.untouched_changed:
-            why.append(f"untouched rows changed {c.untouched_changed[:8]}")
-        if c.padded_ok is False:
-            why.append("padding: " + "; ".join(c.padded_details[:3]))
-        if c.unwritten:
-            why.append(f"{c.unwritten} elements unwritten")
-        if c.nan_where_finite:
-            why.append(f"{c.nan_where_finite} NaN/Inf where the oracle is finite")
-        if c.state_written is False:
-            why.append("state not written" + (f" ({c.details[0]})" if c.details else ""))
-        return "contract: " + ", ".join(why)
-    if r.extra.get("verdict") == "fail":
-        return str(r.extra.get("verdict_reason") or "over budget")
-    return None
-
-
-def outcome(r: CaseResult) -> str:
-    """``pass`` / ``fail`` / ``skip`` (unsupported)."""
-    if r.status == "unsupported":
-        return "skip"
-    return "fail" if failure(r) else "pass"
-
-
 def score(r: CaseResult) -> float:
-    """Worst ``in_floors`` over the result's tensors (0 when none); failures rank above all."""
+    """Worst ``in_floors`` over the result's tensors (0 when none)."""
     vals = [m.in_floors for m in r.metrics.values() if m.in_floors is not None and not math.isnan(m.in_floors)]
     return max(vals, default=0.0)
 
@@ -51,7 +26,7 @@ def group_key(r: CaseResult) -> tuple[str, str, str]:
     return (r.backend, r.case.op, r.case.dtype)
 
 
-def _stats(vals: list[float]) -> dict | None:
+def stats(vals: list[float]) -> dict | None:
     vals = sorted(v for v in vals if v is not None and not math.isnan(v))
     if not vals:
         return None
@@ -62,38 +37,38 @@ def _stats(vals: list[float]) -> dict | None:
     return {"n": n, "median": q(0.5), "p99": q(0.99), "max": vals[-1]}
 
 
-def case_line(r: CaseResult) -> dict:
+def case_line(r: CaseResult, budgets: Budgets) -> dict:
+    """One result for a report: its outcome, what failed, each budgeted metric beside its budget."""
+    found = judge_result(r, budgets)
     return {
         "case_id": r.case_id, "name": r.case.name, "backend": r.backend, "op": r.case.op,
         "dtype": r.case.dtype, "state_dtype": r.case.state_dtype, "status": r.status,
-        "failure": failure(r), "path": r.path,
+        "outcome": outcome(r, budgets), "path": r.path,
+        "failure": "; ".join(f"{f.check}: {f.detail}" if f.limit is None else
+                             f"{f.check} = {fmt(f.value)} > {fmt(f.limit)} ({f.detail})" for f in found) or None,
+        "checks": [{"metric": c.metric, "value": c.value, "budget": c.budget, "headroom": c.headroom, "why": c.why}
+                   for c in checks(r, budgets)],
         "in_floors": {k: m.in_floors for k, m in r.metrics.items()},
-        "score": score(r), "repro": r.repro or r.case.repro(),
+        "score": score(r), "repro": r.repro or r.case.repro(r.backend),
     }
 
 
-def _worst(rs: list[CaseResult], n: int) -> list[dict]:
-    ranked = sorted((r for r in rs if r.status != "unsupported"),
-                    key=lambda r: (failure(r) is not None, score(r)), reverse=True)
-    return [case_line(r) for r in ranked[:n]]
-
-
-def summarize(header: RunHeader, results: list[CaseResult], *, worst: int = 5) -> dict:
-    """Summary of a run: totals, per (backend, op, dtype) counts and in_floors statistics
-    (median / p99 / max of o, state, intermediate), per-backend time (kernel compiles apart from
-    kernel runs and the oracle), failures and worst cases with repro lines."""
+def summarize(header: RunHeader, results: list[CaseResult], verdict: Verdict, budgets: Budgets, *,
+              worst: int = 5) -> dict:
+    """Summary of a run: the verdict and its evidence, per (backend, op, dtype) counts and
+    ``in_floors`` statistics (median / p99 / max of o, state, intermediate), time by backend,
+    failures with what broke and their repro lines, worst cases beside their budgets."""
+    outs = {id(r): outcome(r, budgets) for r in results}
     groups: dict[tuple, list[CaseResult]] = defaultdict(list)
     for r in results:
         groups[group_key(r)].append(r)
     out_groups = []
     for (backend, op, dtype), rs in sorted(groups.items()):
         counts = {s: sum(r.status == s for r in rs) for s in STATUSES}
-        counts["fail"] = sum(outcome(r) == "fail" for r in rs)
-        counts["pass"] = sum(outcome(r) == "pass" for r in rs)
+        counts.update({"pass": sum(outs[id(r)] == "pass" for r in rs), "fail": sum(outs[id(r)] == "fail" for r in rs)})
         g = {"backend": backend, "op": op, "dtype": dtype, "cases": len(rs), "counts": counts}
         for t in TENSORS:
-            g[t] = _stats([r.metrics[t].in_floors for r in rs if t in r.metrics])
-        g["worst"] = _worst(rs, worst)
+            g[t] = stats([r.metrics[t].in_floors for r in rs if t in r.metrics])
         out_groups.append(g)
     timing = []
     by_backend: dict[str, list[CaseResult]] = defaultdict(list)
@@ -109,14 +84,20 @@ def summarize(header: RunHeader, results: list[CaseResult], *, worst: int = 5) -
             "oracle_s": sum(r.timing.oracle_s or 0.0 for r in rs),
             "wall_s": sum(r.timing.wall_s or 0.0 for r in rs),
         })
-    totals = {s: sum(r.status == s for r in results) for s in STATUSES}
-    totals.update(cases=len(results), fail=sum(outcome(r) == "fail" for r in results),
-                  passed=sum(outcome(r) == "pass" for r in results))
+    ev = verdict.evidence
+    ranked = sorted((r for r in results if r.status != "unsupported"),
+                    key=lambda r: (outs[id(r)] == "fail", score(r)), reverse=True)
     return {
         "schema_version": SCHEMA_VERSION, "kind": "summary", "run_id": header.run_id,
         "suites": header.suites, "backends": header.backends, "jobs": header.jobs,
         "environment": header.environment.model_dump(exclude_none=True),
-        "totals": totals, "groups": out_groups, "timing": timing,
-        "failures": [case_line(r) for r in results if outcome(r) == "fail"],
-        "worst": _worst(results, 10),
+        "verdict": verdict.model_dump(mode="json", exclude={"failures", "regressions", "improvements"}),
+        "verdict_word": verdict.word, "exit_code": verdict.exit_code,
+        "totals": {"planned": ev.planned, "results": ev.results, "judged": ev.judged, "passed": ev.passed,
+                   "fail": ev.failed, "unsupported": ev.unsupported, "missing": len(ev.missing),
+                   **{s: sum(r.status == s for r in results) for s in STATUSES}},
+        "groups": out_groups, "timing": timing,
+        "failures": [case_line(r, budgets) for r in ranked if outs[id(r)] == "fail"],
+        "worst": [case_line(r, budgets) for r in ranked[:10]],
+        "budgets": budgets.files,
     }

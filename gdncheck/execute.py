@@ -432,35 +432,6 @@ class Admission:
             self.cond.notify_all()
 
 
-def schedule(pairs: list[tuple[Backend, Case]]) -> list[list[tuple[Backend, Case]]]:
-    """Pairs in work units for parallel lanes, in start order.
-
-    A unit is one backend's cases of one :meth:`Backend.schedule_key`, compiled once in one
-    process. Longest units start first: by the backend's compile hint, then memory (big cases
-    take longer), then size.
-    """
-    units: dict[tuple, list] = {}
-    for b, c in pairs:
-        units.setdefault((b.name, repr(b.schedule_key(c))), []).append((b, c))
-
-    def cost(u) -> float:
-        return u[0][0].compile_hint_s + max(case_bytes(c) for _, c in u) / (1 << 30) + 0.05 * len(u)
-
-    # Units whose builds serialise on a lock form a chain that one lane works through from the
-    # start (:func:`_run_lanes` gives a lock to one lane at a time), so they lead the order.
-    return sorted(units.values(), key=lambda u: (unit_lock(u) is None, -cost(u), u[0][0].name,
-                                                 repr(u[0][0].schedule_key(u[0][1]))))
-
-
-def unit_lock(unit: list[tuple[Backend, Case]]) -> str | None:
-    """The compile lock of a unit's kernels (:meth:`Backend.compile_lock` of its first case)."""
-    b, c = unit[0]
-    try:
-        return b.compile_lock(c)
-    except Exception:  # noqa: BLE001 - a plugin's hint must not stop the run
-        return None
-
-
 # ---------------------------------------------------------------- lanes
 
 @dataclass

@@ -123,14 +123,20 @@ def gpu_for_worker(worker_id: str | None, gpus: list[str]) -> str | None:
 
 def fan_out(argv: list[str], n: int, gpus: list[str], out: Path) -> list[Path]:
     """Run ``gdncheck gate --shard i/n`` once per GPU (``CUDA_VISIBLE_DEVICES`` = that GPU), in
-    parallel; returns the shard results files. Raises on a child's config/env exit."""
+    parallel; returns the shard results files. Raises on a child's config/env exit.
+
+    Shards are whole compile units (:mod:`gdncheck.shard`) and share the host's on-disk kernel
+    caches (:func:`gdncheck.shard.shared_cache_env`): no kernel is compiled on two GPUs."""
+    from gdncheck.shard import shared_cache_env
+
+    base_env = shared_cache_env()
     procs = []
     for i in range(n):
         sub = out / f"shard-{i}"
         sub.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "gdncheck", "gate", *argv, "--shard", f"{i}/{n}", "--gpus", "1",
                "--out", str(sub), "--no-judge", "--no-progress", "--overwrite"]
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
+        env = {**base_env, "CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]}
         log = (sub / "gate.log").open("w")
         procs.append((i, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log, sub))
     codes = {}

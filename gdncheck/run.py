@@ -31,7 +31,8 @@ from gdncheck.data.errors import EnvironmentProblem, Exit, GdncheckError, UsageE
 from gdncheck.data.io import load_results
 from gdncheck.data.results import CaseResult, Fingerprint, RunHeader
 from gdncheck.execute import (Job, Lane, backend_device, case_bytes, closing, default_device, environment, is_oom,
-                              memory_budget, run_case, run_units, schedule, start_lanes, too_large, unit_lock)
+                              memory_budget, run_case, run_units, start_lanes, too_large)
+from gdncheck.shard import schedule, unit_lock
 from gdncheck.progress import Progress
 from gdncheck.suites import load_suite
 
@@ -46,12 +47,6 @@ class Interrupted(GdncheckError):
     """Ctrl-C: results so far are kept; the message says how to resume."""
 
     code = Exit.INTERRUPTED
-
-
-def shard_of(case: Case, backend_name: str, n: int) -> int:
-    """Deterministic shard of a (case, backend) pair."""
-    h = hashlib.sha256(f"{case.id}:{backend_name}".encode()).hexdigest()
-    return int(h[:8], 16) % n
 
 
 def reseed(case: Case, s: int) -> Case:
@@ -75,14 +70,15 @@ def load_cases(suites: list[str], seeds: int = 1) -> list[Case]:
 
 def plan(suites: list[str], backends: list[Backend], shard: tuple[int, int] | None = None,
          seeds: int = 1) -> list[tuple[Backend, Case]]:
-    """(backend, case) pairs in run order: per backend, grouped by compile key."""
+    """(backend, case) pairs in run order: per backend, grouped by compile key. ``shard = (i, n)``
+    keeps shard i of n: whole compile units, balanced by the cost model (:mod:`gdncheck.shard`)."""
+    from gdncheck.shard import select  # noqa: F811
+
     cases = load_cases(suites, seeds)
     pairs = []
     for b in backends:
-        mine = [c for c in cases if shard is None or shard_of(c, b.name, shard[1]) == shard[0]]
-        mine.sort(key=lambda c: repr(b.compile_key(c)))
-        pairs += [(b, c) for c in mine]
-    return pairs
+        pairs += [(b, c) for c in sorted(cases, key=lambda c: repr(b.compile_key(c)))]
+    return select(pairs, shard) if shard is not None else pairs
 
 
 def source_hash(backend: Backend, spec: str | None = None) -> str:
@@ -352,7 +348,7 @@ def _run_in_lanes(pairs, device: str, jobs: int, specs, twin_for, base_of, recor
     # Cases that fit only alone would hold every lane idle while they wait for the GPU to drain
     # and while they run; at the end they take their turns with no other lane left to drain.
     alone = [(b, c) for b, c in pairs if case_bytes(c) > budget and jobs > 1]
-    units = schedule([(b, c) for b, c in pairs if (b, c) not in alone])
+    units = schedule([(b, c) for b, c in pairs if (b, c) not in alone], lanes=jobs)
     if jobs == 1:  # one worker per backend, in plan order (a crash replaces only that worker)
         units = [[p for p in pairs if p[0].name == name] for name in dict.fromkeys(b.name for b, _ in pairs)]
         alone = []

@@ -72,6 +72,31 @@ step_smoke_shards() {
   timed compare_shards gdncheck report compare "$RUNS/smoke_warm/results.jsonl" "$RUNS/smoke_merged.jsonl" \
     --json "$RUNS/smoke_shards_compare.json"
 }
+# Compile-unit shards (issue 18), one GPU: the smoke tier cold, unsharded and as shards 0/2 and 1/2
+# one after another, each from empty caches; then the benchmark of their results files. JS: lanes.
+JS=${JS:-16}
+step_smoke_cold16() {
+  cold smoke16; sampled smoke_cold16 gdncheck gate --tier smoke -j "$JS" --out "$RUNS/smoke_cold16" --no-progress
+}
+step_smoke_shards_cold() {
+  for i in 0 1; do
+    cold "shard$i"
+    sampled "smoke_shard${i}_cold" gdncheck gate --tier smoke --shard $i/2 -j "$JS" --out "$RUNS/smoke_shard${i}_cold" --no-progress
+  done
+  timed merge_shards_cold gdncheck report merge "$RUNS/smoke_shard0_cold/results.jsonl" \
+    "$RUNS/smoke_shard1_cold/results.jsonl" --out "$RUNS/smoke_merged_cold.jsonl"
+  timed compare_shards_cold gdncheck report compare "$RUNS/smoke_cold16/results.jsonl" "$RUNS/smoke_merged_cold.jsonl" \
+    --json "$RUNS/smoke_shards_cold_compare.json"
+}
+step_bench_shards() {
+  python scripts/bench_shards.py --unsharded "$RUNS/smoke_cold16/results.jsonl" \
+    --shards "$RUNS/smoke_shard0_cold/results.jsonl" "$RUNS/smoke_shard1_cold/results.jsonl" -n 2 4 \
+    | tee "$RUNS/bench_shards.txt"
+}
+# The smoke tier again on the caches smoke_cold16 left (target: under 60 s warm).
+step_smoke_warm16() {
+  warm smoke16; timed smoke_warm16 gdncheck gate --tier smoke -j "$JS" --out "$RUNS/smoke_warm16" --no-progress
+}
 # On the caches of the models step. The backends that take g and beta or a state dtype from the caller.
 step_ablate() {
   warm models
@@ -88,7 +113,7 @@ step_drift() {
 step_gputests() { warm full; timed gpu_tests timeout 300 python -m pytest -q -m gpu tests/test_backends_gpu.py -p no:cacheprovider; }
 # Steps share one time budget so the packing below always runs inside the call's limit.
 export -f log timed gdncheck $(declare -F | awk '/step_/{print $3}')
-export RUNS J
+export RUNS J JS
 export -f cold warm sample sampled
 timeout "${BUDGET_S:-540}" bash -c 'trap "kill -TERM \$(jobs -p) 2>/dev/null; pkill -TERM -P \$\$; exit 124" TERM
   for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"

@@ -31,7 +31,7 @@ def _app() -> typer.Typer:
 
 DIGEST_CASES = [
     "smoke/decode/k_last/bfloat16/raw",
-    "smoke/prefill/v_last/float32/H2-HV6",
+    "smoke/prefill/k_last/float32/H2-HV6",
     "edges/strided-gates/verify/raw",
     "edges/strided-pool/prefill/v_last",
 ]

@@ -5,6 +5,7 @@ from pathlib import Path
 
 from gdncheck.data.io import load_results
 import gdncheck.run as RUN
+from gdncheck.shard import schedule as S_schedule, unit_lock as S_unit_lock
 from gdncheck.run import run as _run_dir
 
 
@@ -153,7 +154,8 @@ def test_jobs_rerun_out_of_memory_cases_alone(tmp_path, monkeypatch):
 def test_schedule_units_are_compile_keys_longest_first():
     from gdncheck.backends import load_backend
     from gdncheck.data.case import Case
-    from gdncheck.execute import case_bytes, schedule
+    from gdncheck.execute import case_bytes
+    from gdncheck.shard import schedule
 
     chunk, twin = load_backend("fla-chunk"), load_backend("twin-fla")
     small = [Case(op="decode", seqlens=[1] * n, H=2, HV=4, seed=s) for n in (1, 8) for s in (1, 2)]
@@ -165,9 +167,11 @@ def test_schedule_units_are_compile_keys_longest_first():
     assert sum(len(u) for u in units) == len(pairs)
     for u in units:
         assert len({(b.name, b.compile_key(c)) for b, c in u}) == 1  # one compile per unit
-    assert [b for u in units[:3] for b, _ in u] == [chunk] * 6  # the long compiles (hint) start first,
-    assert units[0] == [(chunk, big)] and units[3] == [(twin, big)]  # the biggest case first of each
-    assert [len(u) for u in units] == [1, 4, 1, 1, 4, 1]  # then the larger units
+    assert [b for u in units[:3] for b, _ in u] == [chunk] * 6  # the long compiles start first,
+    from gdncheck.shard import load_costs
+    cost = [load_costs().unit_cost(u) for u in units]
+    assert cost == sorted(cost, reverse=True)  # then by the fitted cost model (gdncheck/costs.toml)
+    assert [(chunk, big)] in units[:3] and [(twin, big)] in units[3:]  # the big case: a unit of its own
 
 
 def test_fla_units_join_the_ops_of_one_shape():
@@ -175,7 +179,7 @@ def test_fla_units_join_the_ops_of_one_shape():
     their own compile keys (compile time is measured per key); other shapes stay apart."""
     from gdncheck.backends import load_backend
     from gdncheck.data.case import Case
-    from gdncheck.execute import schedule
+    from gdncheck.shard import schedule
 
     chunk = load_backend("fla-chunk")
     pre = Case(op="prefill", seqlens=[5, 9], H=2, HV=4, gate_source="precomputed", seed=1)
@@ -330,10 +334,10 @@ def test_units_under_one_compile_lock_take_one_lane_at_a_time(tmp_path, monkeypa
     locked, twin = load_backend("crashy_backend:locked"), load_backend("twin-fla")
     from gdncheck.run import plan
     cases = plan([str(suite)], [twin])
-    units = R.schedule([(twin, c) for _, c in cases] + [(locked, c) for _, c in cases])
+    units = S_schedule([(twin, c) for _, c in cases] + [(locked, c) for _, c in cases])
     n_locked = len({locked.compile_key(c) for _, c in cases})
-    assert n_locked == 3 and all(R.unit_lock(u) == "test-lock" for u in units[:n_locked])
-    assert all(R.unit_lock(u) is None for u in units[n_locked:])
+    assert n_locked == 3 and all(S_unit_lock(u) == "test-lock" for u in units[:n_locked])
+    assert all(S_unit_lock(u) is None for u in units[n_locked:])
     out = run([str(suite)], ["twin-fla", "crashy_backend:locked"], tmp_path / "r", device="cpu",
               progress=False, jobs=3)
     _, res = load_results(out)

@@ -98,6 +98,13 @@ class _FLABase(Backend):
         return (self.kernel, case.op == "prefill", case.H, case.HV, case.K, case.V, case.dtype, case.state_dtype,
                 case.layout, case.l2norm, case.gate_source)
 
+    def autotune_key(self, case: Case) -> tuple:
+        """The expensive part of a compile key (a cost-model hint, ``gdncheck.shard``): measured on
+        the H100, a shape's first prefill and first other op each take 25-90 s cold, while l2norm
+        and gate-source variants of one of them build in 0-3 s in the same process."""
+        return (self.kernel, case.op == "prefill", case.H, case.HV, case.K, case.V, case.dtype,
+                case.state_dtype, case.layout)
+
     def schedule_key(self, case: Case) -> tuple:
         """Cases that belong in one process: the chunk kernels that pass states and write outputs
         autotune on heads, dims and layout only, so prefill and decode (varlen or not, raw or

@@ -99,6 +99,10 @@ class FlashInferPrefill(_FlashInferBase):
     zero_length_policy = "untouched"
     # the adapter computes alpha = exp(g) in fp32 (the kernel takes linear-space alpha)
     ablation_knobs = frozenset({"exp-precision"})
+    # The automatic route runs the kernels of the two forced routes, and FlashInfer keeps CuTe
+    # DSL prefill builds in a per-process dict only: the three backends' cases of one shape form
+    # one compile unit (one shard, one worker), so the automatic route reuses their builds.
+    kernel_group = "flashinfer.prefill"
 
     def __init__(self, use_cp: str | bool = "auto"):
         if use_cp not in ("auto", True, False):
@@ -213,6 +217,9 @@ class FlashInferDecode(_FlashInferBase):
     )
     padding_policy = {"decode": "skip", "verify": "caller_value"}
     zero_length_policy = "passthrough"
+    # fp32 verify runs ``gated_delta_rule_mtp``, the kernel of :class:`FlashInferMTP`'s buffer
+    # mode: equal compile keys of the two backends are one compile unit.
+    kernel_group = "flashinfer.decode"
     _POLICY = {"fp32_t1": "skip", "bf16_t1": "null_slot", "bf16_mtp": "null_slot", "fp32_mtp": "caller_value"}
 
     def available(self) -> str | None:
@@ -305,6 +312,7 @@ class FlashInferMTP(_FlashInferBase):
     )
     padding_policy = {"verify": "caller_value"}
     zero_length_policy = "passthrough"
+    kernel_group: str | None = "flashinfer.decode"  # see FlashInferDecode; None in ssm mode
 
     def compile_lock(self, case: Case) -> str | None:
         return f"flashinfer:{_DECODE_MODULE['fp32_mtp']}"
@@ -313,6 +321,8 @@ class FlashInferMTP(_FlashInferBase):
         if intermediate_mode not in ("buffer", "ssm"):
             raise ValueError(f"intermediate_mode: 'buffer' or 'ssm', got {intermediate_mode!r}")
         self.intermediate_mode = intermediate_mode
+        if intermediate_mode == "ssm":
+            self.kernel_group = None  # scatters through ssm_state_indices: kernels of its own
 
     def available(self) -> str | None:
         return _fi_available("flashinfer.gdn_decode")

@@ -104,8 +104,5 @@ def default_backends(gpu: bool) -> list[str]:
     if gpu:
         return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent", "flashinfer-prefill",
                 "flashinfer-prefill-cp", "flashinfer-prefill-chunk", "flashinfer-decode",
-                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang-decode", "sglang-fused-sigmoid",
-                "sglang-extend", "sglang-flashinfer-decode", "sglang-flashinfer-extend",
-                "sglang-flashinfer-verify", "vllm-decode", "vllm-fused-sigmoid", "vllm-chunk",
-                "vllm-flashinfer-prefill"]
+                "flashinfer-mtp", "flashinfer-mtp-ssm"]
     return ["twin-fla", "twin-flashinfer", "fla-interp"]

@@ -29,7 +29,23 @@ BUILTIN: dict[str, str] = {
     "flashinfer-prefill-chunk": "gdncheck.backends.flashinfer:prefill_chunk",
     "flashinfer-mtp": "gdncheck.backends.flashinfer:FlashInferMTP",
     "flashinfer-mtp-ssm": "gdncheck.backends.flashinfer:mtp_ssm",
-    "sglang": "gdncheck.backends.sglang:SGLangTriton",
+    "twin-fla-beta-bf16": "gdncheck.backends.sglang:twin_beta_bf16",
+    "sglang-decode": "gdncheck.backends.sglang:SGLangPackedDecode",
+    "sglang-fused-sigmoid": "gdncheck.backends.sglang:SGLangFusedSigmoid",
+    "sglang-extend": "gdncheck.backends.sglang:SGLangExtend",
+    "sglang-decode-interp": "gdncheck.backends.sglang:SGLangPackedDecodeInterp",
+    "sglang-fused-sigmoid-interp": "gdncheck.backends.sglang:SGLangFusedSigmoidInterp",
+    "sglang-extend-interp": "gdncheck.backends.sglang:SGLangExtendInterp",
+    "sglang-flashinfer-decode": "gdncheck.backends.engine_flashinfer:SGLangFlashInferDecode",
+    "sglang-flashinfer-extend": "gdncheck.backends.engine_flashinfer:SGLangFlashInferExtend",
+    "sglang-flashinfer-verify": "gdncheck.backends.engine_flashinfer:SGLangFlashInferVerify",
+    "vllm-flashinfer-prefill": "gdncheck.backends.engine_flashinfer:VLLMFlashInferPrefill",
+    "vllm-decode": "gdncheck.backends.vllm:VLLMPackedDecode",
+    "vllm-fused-sigmoid": "gdncheck.backends.vllm:VLLMFusedSigmoid",
+    "vllm-chunk": "gdncheck.backends.vllm:VLLMChunk",
+    "vllm-decode-interp": "gdncheck.backends.vllm:VLLMPackedDecodeInterp",
+    "vllm-fused-sigmoid-interp": "gdncheck.backends.vllm:VLLMFusedSigmoidInterp",
+    "vllm-chunk-interp": "gdncheck.backends.vllm:VLLMChunkInterp",
 }
 
 
@@ -88,5 +104,5 @@ def default_backends(gpu: bool) -> list[str]:
     if gpu:
         return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent", "flashinfer-prefill",
                 "flashinfer-prefill-cp", "flashinfer-prefill-chunk", "flashinfer-decode",
-                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang"]
+                "flashinfer-mtp", "flashinfer-mtp-ssm"]
     return ["twin-fla", "twin-flashinfer", "fla-interp"]

@@ -27,11 +27,17 @@ from gdncheck_reference import compute_gates, head_dims
 
 Op = Literal["prefill", "decode", "verify"]
 DType = Literal["bfloat16", "float16", "float32"]
-GateDist = Literal["model", "alpha_one", "alpha_tiny", "softplus_high", "softplus_low", "beta_zero", "beta_one"]
+GateDist = Literal["model", "alpha_one", "alpha_tiny", "softplus_high", "softplus_low", "beta_zero", "beta_one",
+                   # edges (see gdncheck/edges.py): a + dt_bias and b far past every fp32/bf16 overflow point
+                   "softplus_huge", "softplus_huge_neg", "beta_logit_huge", "decay_underflow"]
 Padding = Literal["skip", "null_slot", "caller_value"]
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 _ID_EXCLUDE = {"name", "tags"}
+# Fields added after the first release of case ids: hashed only when they differ from their default,
+# so every case written before them keeps its id (baseline results are keyed by it).
+_ID_LATE = ("call", "value_edge")
+ValueEdge = Literal["qk_zero", "qk_tiny", "v_huge", "v_subnormal", "poison_padding"]
 
 
 class Case(BaseModel):
@@ -66,6 +72,10 @@ class Case(BaseModel):
     pool_strided: bool = Field(False, description="pool is a non-contiguous view (slot stride > slot size)")
     gate_strided: bool = Field(False, description="a and b are strided views of one projection output")
     seed: int = Field(0, ge=0, description="seed of the CPU generator that builds every tensor")
+    call: dict[str, str | int | float | bool | list[int] | None] = Field(
+        default_factory=dict, description="entry-point argument values this case pins (names and legal values: the "
+        "backend's ``arguments``, gdncheck/backends/api_spec.py); paged cases: page_size, prefix_lens")
+    value_edge: ValueEdge | None = Field(None, description="input values at the numeric edges (gdncheck/edges.py)")
     name: str | None = Field(None, description="human label (not part of the id)")
     tags: list[str] = Field(default_factory=list, description="suite tags (not part of the id)")
 
@@ -128,7 +138,11 @@ class Case(BaseModel):
     @property
     def id(self) -> str:
         """Stable content hash (12 hex digits) of every field but ``name`` and ``tags``."""
-        blob = json.dumps(self.model_dump(exclude=_ID_EXCLUDE), sort_keys=True, separators=(",", ":"))
+        d = self.model_dump(exclude=_ID_EXCLUDE)
+        for f in _ID_LATE:
+            if d[f] == Case.model_fields[f].get_default(call_default_factory=True):
+                del d[f]
+        blob = json.dumps(d, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
     @property
@@ -209,6 +223,9 @@ def _raw_gates(case: Case, gen: torch.Generator, B: int, T: int):
         b = -20.0 - u(B, T, HS)
     elif d == "beta_one":
         b = 20.0 + u(B, T, HS)
+    elif d in ("softplus_huge", "softplus_huge_neg", "beta_logit_huge", "decay_underflow"):
+        from gdncheck.edges import edge_gates
+        A_log, dt_bias, a, b = edge_gates(d, A_log, dt_bias, a, b, u)
     return A_log, dt_bias, a, b
 
 
@@ -260,6 +277,9 @@ def materialize(case: Case, device: str | torch.device = "cpu") -> Inputs:
     q = (torch.randn(B, T, H, K, generator=gen) * case.qk_scale).to(dt)
     k = (torch.randn(B, T, H, K, generator=gen) * case.qk_scale).to(dt)
     v = (torch.randn(B, T, HV, V, generator=gen) * case.v_scale).to(dt)
+    if case.value_edge is not None:
+        from gdncheck.edges import edge_values
+        q, k, v = edge_values(case, q, k, v)
     A_log, dt_bias, a, b = _raw_gates(case, gen, B, T)
     A_log, dt_bias = A_log.to(torch.float32), dt_bias.to(torch.float32)
     a, b = a.to(gdt), b.to(gdt)
@@ -300,8 +320,12 @@ def materialize(case: Case, device: str | torch.device = "cpu") -> Inputs:
     inter = None
     if case.intermediate:
         inter = torch.full((B, T, *sshape), float("nan"), dtype=torch.float32, device=dev)
-    return Inputs(case=case, q=q, k=k, v=v, A_log=A_log, dt_bias=dt_bias, a=a, b=b, g=g, beta=beta,
-                  cu_seqlens=cu, state=state, read_indices=ri, write_indices=wi, out=out, intermediate=inter)
+    res = Inputs(case=case, q=q, k=k, v=v, A_log=A_log, dt_bias=dt_bias, a=a, b=b, g=g, beta=beta,
+                 cu_seqlens=cu, state=state, read_indices=ri, write_indices=wi, out=out, intermediate=inter)
+    if case.value_edge == "poison_padding":
+        from gdncheck.edges import poison_padding
+        poison_padding(case, res)
+    return res
 
 
 def inputs_digest(inputs: Inputs) -> str:

@@ -29,6 +29,12 @@ BUILTIN: dict[str, str] = {
     "flashinfer-mtp": "gdncheck.backends.flashinfer:FlashInferMTP",
     "flashinfer-mtp-ssm": "gdncheck.backends.flashinfer:mtp_ssm",
     "sglang": "gdncheck.backends.sglang:SGLangTriton",
+    # every public GDN entry point of FlashInfer 0.7.4 on SM90 (api_spec.py); version-aware
+    "flashinfer-prefill-args": "gdncheck.backends.flashinfer_api:FlashInferPrefillArgs",
+    "flashinfer-prefill-paged": "gdncheck.backends.flashinfer_api:FlashInferPrefillPaged",
+    "flashinfer-decode-paged": "gdncheck.backends.flashinfer_api:FlashInferDecodePaged",
+    "flashinfer-decode-vlast": "gdncheck.backends.flashinfer_api:FlashInferDecodeVLast",
+    "flashinfer-cake-mtp": "gdncheck.backends.flashinfer_api:FlashInferCakeMTP",
 }
 
 

@@ -38,7 +38,7 @@ from gdncheck.report.schema import CaseResult, TensorMetrics
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_ENV = 0, 1, 2, 3
 
 # Tiers: suites run on every push (smoke) and nightly / before merge (full).
-TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"]}
+TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges", "findings"]}
 
 TENSORS = ("o", "state", "intermediate")
 # Metric fields a budget may bound (smaller is better for each).

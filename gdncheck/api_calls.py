@@ -164,7 +164,9 @@ def arg_values(entry: str, case: Case) -> dict:
                 "output_state_indices": "absent" if writes is None else
                 ("minus_one" if any(w < 0 for w in writes) else "present"),
                 "ssm_state_indices": c.get("ssm_state_indices", "absent"),
-                "disable_state_update": case.disable_state_update}
+                "disable_state_update": case.disable_state_update,
+                **({"intermediate_states_buffer": "present" if case.intermediate else "absent",
+                    "cache_replayssm": False} if entry == "gated_delta_rule_mtp" else {})}
     raise KeyError(entry)
 
 

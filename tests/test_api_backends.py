@@ -173,3 +173,28 @@ def test_spec_renders_every_entry_point():
         assert e.name.split(" ")[0] in md
     for n in PREFILL.arguments:
         assert f"`{n}`" in md
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from gdncheck.strategies import api_cases, random_cases  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.data())
+def test_api_strategy_draws_supported_or_documented(data):
+    entry = data.draw(st.sampled_from(list(DIMS)))
+    c = data.draw(api_cases(entry))
+    b = make(entry, V074)
+    assert b.supports(c) is None, (c.name, b.supports(c))
+    if b.invalid_for(c) is None:  # legal: the oracle has an answer for every shape it can draw
+        assert arg_values(entry, c)
+
+
+def test_random_cases_reach_the_edges():
+    cs = list(random_cases(300, seed=1, edge_values=True, dims=(8,)))
+    assert {c.gate_dist for c in cs} >= {"softplus_huge", "softplus_huge_neg", "beta_logit_huge", "decay_underflow"}
+    assert {c.value_edge for c in cs} >= {None, "qk_zero", "qk_tiny", "v_huge", "v_subnormal", "poison_padding"}
+    # off by default: the draws of a seed are unchanged
+    assert all(c.value_edge is None for c in random_cases(50, seed=1, dims=(8,)))

@@ -24,6 +24,8 @@ from gdncheck.cases import Case, Inputs
 from gdncheck_reference import (
     OUT_ORACLE,
     ROW_UNDEFINED,
+    ROW_UNTOUCHED,
+    ROW_WRITTEN,
     PoolResult,
     beta_from_logit,
     gates_in_kernel,
@@ -241,7 +243,8 @@ def expected_prefill_call(inputs: Inputs) -> PoolResult:
 
     ``pool`` / ``row_class`` match the adapter's ``Outputs.state``: the pool (pool cases: output
     state and checkpoints share it; a separate ``output_state`` pool starts as a copy of it) or,
-    for plain-state cases, the ``[N, ...]`` final states followed by the checkpoint rows.
+    for plain-state cases, the ``[N, ...]`` final states (a separate checkpoint tensor is checked
+    by the adapter for presence only).
     ``output_final_state=False``: output-state rows are not part of the contract
     (``ROW_UNDEFINED``: SM90 stores into any tensor it has), but a pool the call only reads
     (``output_state`` absent) must stay untouched.
@@ -278,13 +281,17 @@ def expected_prefill_call(inputs: Inputs) -> PoolResult:
             if L == 0:  # SM90 writes nothing for a zero-length sequence: its row keeps the poison
                 pool[n] = float("nan")
                 cls[n] = ROW_UNDEFINED
-        if every:
-            pool, cls = torch.cat([pool, r.checkpoints]), torch.cat([cls, r.ckpt_class])
     if not ofs:
-        if pooled and ostate == "absent":
-            pool, cls = st.clone(), torch.zeros(st.shape[0], dtype=torch.int8, device=st.device)
-        else:
-            cls[: (case.pool_size or case.N)] = ROW_UNDEFINED
+        # final-state rows: SM90 stores into any output_state it has (not part of the contract), but
+        # with output_state absent it must use scratch and leave the caller's pool as it was (finding 5)
+        rows = (case.write_indices or case.read_indices) if pooled else list(range(case.N))
+        for n, w in enumerate(rows):
+            if w < 0 or cls[w] == ROW_WRITTEN and ck_rows is not None and w in ck_rows:
+                continue
+            if pooled and ostate == "absent":
+                pool[w], cls[w] = st[w], ROW_UNTOUCHED
+            else:
+                cls[w] = ROW_UNDEFINED
     T = inputs.q.shape[1]
     return PoolResult(o=r.o, o_class=torch.full((1, T), OUT_ORACLE, dtype=torch.int8, device=r.o.device),
                       pool=pool, row_class=cls)

@@ -224,6 +224,8 @@ def case_of(entry: str, v: dict, i: int) -> dict:
         e["call"] = {"api": 1}
     else:
         raise KeyError(entry)
+    if not e.get("l2norm", True):  # without the L2 norm, beta |k|^2 <= 2 keeps the delta rule contractive
+        e["qk_scale"] = round(0.5 / e.get("K", 128) ** 0.5, 6)
     e["name"] = f"api/{entry}/{i:03d}"
     e["tags"] = tag
     return e

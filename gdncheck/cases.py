@@ -147,6 +147,8 @@ class Case(BaseModel):
 
     @property
     def padded_rows(self) -> list[int]:
+        if self.op == "prefill" and self.call and self.write_indices is not None:
+            return []  # prefill with output_state_indices (call): read -1 starts from the zero state, not padding
         return [n for n, r in enumerate(self.read_indices or []) if r < 0]
 
     def repro(self) -> str:

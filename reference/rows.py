@@ -180,9 +180,9 @@ def prefill_rows(
 
     ``initial_state`` / ``output_state`` / ``state_checkpoints`` may be the same tensor (a shared
     pool: the expected tensor then carries every write). Rows named by no write are
-    ``ROW_UNTOUCHED``. ``output_final_state=False``: the output-state tensor is not part of the
-    contract (``ROW_UNDEFINED`` everywhere; SM90 stores into it regardless) and a distinct
-    ``initial_state`` must stay untouched.
+    ``ROW_UNTOUCHED``. ``output_final_state=False``: the rows final states would go to are not part
+    of the contract (``ROW_UNDEFINED``; SM90 stores into any output-state tensor it has), every
+    other row is untouched and a distinct ``initial_state`` must stay untouched.
     """
     check_layout(layout)
     B, T, H, HV, HS, K, V, N = check_inputs(q, k, v, g, beta, cu_seqlens, None, layout)
@@ -248,8 +248,10 @@ def prefill_rows(
     if output_state is not None:
         pool = output_state.to(device=dev, dtype=F64).clone()
         row_class = torch.full((pool.shape[0],), ROW_UNTOUCHED, dtype=torch.int8, device=dev)
-        if not output_final_state:
-            row_class[:] = ROW_UNDEFINED
+        if not output_final_state:  # the rows a final state would go to: SM90 may store there anyway
+            for n, w in enumerate(writes):
+                if w >= 0 and lens[n]:
+                    row_class[w] = ROW_UNDEFINED
         else:
             for n, w in enumerate(writes):
                 if w < 0 or lens[n] == 0:

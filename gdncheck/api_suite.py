@@ -124,7 +124,17 @@ def _space(entry: str) -> int:
     return n
 
 
-def covering(entry: str, tries: int = 40) -> list[dict]:
+def dims_of(entry: str, version: str | None = None) -> list[tuple[str, tuple]]:
+    """The dimensions of ``entry``; with ``version`` = 0.7.2.post1, arguments new in 0.7.4 are held at
+    their default (a covering array every version can run)."""
+    from gdncheck.backends.api_spec import ENTRY_POINTS, V072
+    if version != V072:
+        return DIMS[entry]
+    spec = ENTRY_POINTS[entry].arguments
+    return [(n, vals if n not in spec or spec[n].since == V072 else (spec[n].default,)) for n, vals in DIMS[entry]]
+
+
+def covering(entry: str, tries: int = 40, version: str | None = None) -> list[dict]:
     """Combinations covering every valid pair of values (all valid combinations when the space has
     <= 256 points). Greedy (AETG-like, seeded): each new combination starts from an uncovered pair
     and fills the other arguments, in a seeded random order, with the value that covers the most
@@ -132,10 +142,13 @@ def covering(entry: str, tries: int = 40) -> list[dict]:
     expressible combination holds is dropped (it shows as such in the coverage table)."""
     import random
 
-    dims = DIMS[entry]
+    dims = dims_of(entry, version)
     names = [n for n, _ in dims]
     vals = dict(dims)
-    if _space(entry) <= 256:
+    space = 1
+    for _, v in dims:
+        space *= len(v)
+    if space <= 256:
         full = [dict(zip(names, c)) for c in itertools.product(*[v for _, v in dims])]
         return [c for c in full if _expressible(entry, c)]
     rng = random.Random(0)
@@ -235,12 +248,14 @@ def invalid_cases(entry: str) -> list[dict]:
     """One combination per documented error whose arguments are all dimensions of ``entry``: the
     first valid combination of the covering array with the error's values put in."""
     from gdncheck.backends.api_spec import ENTRY_POINTS
+    from gdncheck.backends.api_spec import V072
     names = {n for n, _ in DIMS[entry]}
-    base = covering(entry)[0]
+    bases = {None: covering(entry)[0], V072: covering(entry, version=V072)[0]}
     out = []
     for inv in ENTRY_POINTS[entry].invalid:
         if not set(inv.when) <= names:
             continue
+        base = bases[V072 if inv.since == V072 else None]  # an error 0.7.2.post1 has: a call it can make
         v = {**base, **{k: (w[0] if isinstance(w, tuple) else w) for k, w in inv.when.items()}}
         if entry == "chunk_gated_delta_rule":  # make the rest of the call legal and expressible
             if v["output_state_indices"] != "absent" and v["state_indices"] == "absent":
@@ -253,11 +268,19 @@ def invalid_cases(entry: str) -> list[dict]:
 
 
 def suite_entries() -> list[dict]:
+    from gdncheck.backends.api_spec import ENTRY_POINTS, V072
     out = []
     for entry in DIMS:
         combos = covering(entry)
         for i, v in enumerate(combos):
             out.append(case_of(entry, v, i))
+        spec = ENTRY_POINTS[entry]
+        if spec.since == V072 and any(a.since != V072 for a in spec.arguments.values()):
+            for i, v in enumerate(covering(entry, version=V072)):  # the pairs 0.7.2.post1 can run
+                e = case_of(entry, v, i)
+                e["name"] = f"api/{entry}/v072/{i:03d}"
+                e["tags"] = e["tags"] + ["v072"]
+                out.append(e)
         for j, v in enumerate(invalid_cases(entry)):
             e = case_of(entry, v, len(combos) + j)
             e["name"] = e["name"] + "/invalid"

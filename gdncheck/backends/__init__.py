@@ -87,5 +87,6 @@ def default_backends(gpu: bool) -> list[str]:
     if gpu:
         return ["twin-fla", "twin-flashinfer", "fla-chunk", "fla-recurrent", "flashinfer-prefill",
                 "flashinfer-prefill-cp", "flashinfer-prefill-chunk", "flashinfer-decode",
-                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang"]
+                "flashinfer-mtp", "flashinfer-mtp-ssm", "sglang", "flashinfer-prefill-args", "flashinfer-prefill-paged",
+                "flashinfer-decode-paged", "flashinfer-decode-vlast", "flashinfer-cake-mtp"]
     return ["twin-fla", "twin-flashinfer", "fla-interp"]

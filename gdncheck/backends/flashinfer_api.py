@@ -142,6 +142,8 @@ class FlashInferPrefillArgs(_ApiBackend):
         why = super().supports(case)
         if why:
             return why
+        if not case.call:
+            return f"{self.name} runs cases that pin arguments (Case.call); flashinfer-prefill runs the others"
         if case.call.get("checkpoint_every_n_tokens", 0) and case.pool_size is not None and \
                 case.call.get("checkpoint_state_indices", "absent") == "absent":
             return f"{self.name}: a separate checkpoint tensor is covered with plain states only"

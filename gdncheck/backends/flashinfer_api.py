@@ -57,6 +57,7 @@ class _ApiBackend(_FlashInferBase):
     fn: str = ""
     padding_policy = {}
     zero_length_policy = "untouched"
+    understands_call = True
 
     def __init__(self, params: set[str] | None | str = "installed"):
         self._params = signature_params(_resolve(self.fn)) if params == "installed" else params
@@ -77,6 +78,8 @@ class _ApiBackend(_FlashInferBase):
 
     def available(self) -> str | None:
         if self._params is None:
+            if _resolve("flashinfer.__name__") is None and super().version() == "not installed":
+                return "flashinfer is not installed"
             return f"{self.entry} is not in the installed flashinfer ({super().version()}); new in {self.spec.since}"
         return _fi_available(self.fn.rpartition(".")[0])
 

@@ -63,6 +63,7 @@ DIMS: dict[str, list[tuple[str, tuple]]] = {
         ("initial_state_indices", ("present", "minus_one")),
         ("output_state_indices", ("absent", "present", "minus_one")),
         ("disable_state_update", (False, True)),
+        ("ssm_state_indices", ("absent", "present")),
     ],
 }
 
@@ -113,7 +114,9 @@ def _expressible_shape(entry: str, v: dict) -> bool:
             return False
         return True
     if entry == "cake_gated_delta_product_mtp":
-        return True
+        # the adapter's scratch slots for the per-token scatter need live rows
+        return not (g("ssm_state_indices") == "present" and (g("initial_state_indices") == "minus_one"
+                                                             or g("output_state_indices") == "minus_one"))
     return True
 
 
@@ -234,7 +237,7 @@ def case_of(entry: str, v: dict, i: int) -> dict:
                  pool_size=8, read_indices=reads, disable_state_update=v["disable_state_update"])
         if v["output_state_indices"] != "absent":
             e["write_indices"] = [5, 6, 7] if v["output_state_indices"] == "present" else [5, -1, 7]
-        e["call"] = {"api": 1}
+        e["call"] = {"api": 1} if v["ssm_state_indices"] == "absent" else {"ssm_state_indices": "present"}
     else:
         raise KeyError(entry)
     if not e.get("l2norm", True):  # without the L2 norm, beta |k|^2 <= 2 keeps the delta rule contractive

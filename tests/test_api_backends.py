@@ -201,3 +201,11 @@ def test_random_cases_reach_the_edges():
     assert {c.value_edge for c in cs} >= {None, "qk_zero", "qk_tiny", "v_huge", "v_subnormal", "poison_padding"}
     # off by default: the draws of a seed are unchanged
     assert all(c.value_edge is None for c in random_cases(50, seed=1, dims=(8,)))
+
+
+def test_api_suite_file_is_generated():
+    from pathlib import Path
+
+    from gdncheck.api_suite import render_toml
+    assert (Path(__file__).parent.parent / "cases" / "api.toml").read_text() == render_toml(), \
+        "cases/api.toml is stale: python -m gdncheck.api_suite > cases/api.toml"

@@ -335,7 +335,8 @@ CAKE_MTP = EntryPoint(
     invalid=(Invalid({"V": 128}, "ValueError", "v must be", V074),
              Invalid({"use_qk_l2norm": False}, "ValueError", "no exported Cake GDP decode program", V074),
              Invalid({"T": 17}, "ValueError", "no exported Cake GDP decode program", V074),
-             Invalid({"ssm_state_indices": "present", "disable_state_update": True}, "ValueError", "", V074)),
+             Invalid({"ssm_state_indices": "present", "disable_state_update": True}, "ValueError",
+                     "ssm_state_indices requires state writes", V074)),
 )
 
 SLOTS = EntryPoint(

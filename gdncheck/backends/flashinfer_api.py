@@ -376,6 +376,8 @@ class FlashInferCakeMTP(_ApiBackend):
         from flashinfer.cake_gdp import cake_gated_delta_product_mtp
 
         c = inputs.case
+        if c.call.get("ssm_state_indices", "absent") == "present":
+            return self._run_ssm(inputs)
         k = inputs.k.unsqueeze(2)  # [B, T, 1, H, K]: one Householder step
         v = inputs.v.unsqueeze(2)
         b = inputs.b.unsqueeze(2).contiguous()
@@ -388,3 +390,37 @@ class FlashInferCakeMTP(_ApiBackend):
             inputs.out.copy_(o)
             work.append("output copied into the caller's buffer")
         return Outputs(o=inputs.out, state=inputs.state, path="cake_mtp.nh1", adapter_work=work)
+
+    def _run_ssm(self, inputs: Inputs) -> Outputs:
+        """``ssm_state_indices [B, T]``: each token's state to a scratch slot of an extended pool, the last
+        token of a live row to its write slot (so the pool ends as the oracle expects; the end-of-row
+        write-back is skipped when the table is given). Intermediate states are read back from the
+        scratch slots only to check they were written (the case has no intermediate buffer)."""
+        from flashinfer.cake_gdp import cake_gated_delta_product_mtp
+
+        c = inputs.case
+        B, T = c.B, c.T
+        pool = inputs.state
+        P = pool.shape[0]
+        ext = torch.empty((P + B * T, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
+        ext[:P].copy_(pool)
+        ext[P:].fill_(float("nan"))
+        ssm = (P + torch.arange(B * T, dtype=torch.int32, device=pool.device)).view(B, T)
+        reads = c.read_indices
+        writes = c.write_indices or reads
+        for n in range(B):
+            if reads[n] >= 0 and writes[n] >= 0:
+                ssm[n, T - 1] = writes[n]
+        self.call_checked(c, cake_gated_delta_product_mtp, inputs.q, inputs.k.unsqueeze(2), inputs.v.unsqueeze(2), ext,
+                          inputs.read_indices, inputs.A_log, inputs.a.contiguous(), inputs.dt_bias,
+                          inputs.b.unsqueeze(2).contiguous(), scale=c.scale, output=inputs.out,
+                          ssm_state_indices=ssm, disable_state_update=c.disable_state_update, use_qk_l2norm=c.l2norm,
+                          output_state_indices=inputs.write_indices)
+        pool.copy_(ext[:P])
+        live = [n for n in range(B) if reads[n] >= 0]
+        left = [n for n in live if T > 1 and torch.isnan(ext[P + n * T: P + n * T + T - 1]).any()]
+        if left:
+            raise RuntimeError(f"ssm_state_indices: per-token states of rows {left} left unwritten")
+        return Outputs(o=inputs.out, state=pool, path="cake_mtp.nh1.ssm",
+                       adapter_work=[f"pool copied into an extended pool with B*T = {B * T} scratch slots for "
+                                     "ssm_state_indices, rows [0, P) copied back"])

@@ -39,10 +39,10 @@ def _load(spec: str):
     import importlib
     mod, _, attr = spec.partition(":")
     f = getattr(importlib.import_module(mod), attr)
-    if spec.endswith("flashinfer_api:" + attr):
-        sig = set(ENTRY_POINTS[f.entry].arguments) | {"gate_domain"}
-        b = f(params=sig)
-        b._pre_params = lambda: {"gate_domain"}
+    if spec.startswith("gdncheck.backends.flashinfer_api:"):
+        from gdncheck.backends.api_spec import SIGNATURES, V074
+        b = f(params=SIGNATURES[V074][f.entry])  # the 0.7.4 signature, as read from the wheel
+        b._pre_params = lambda: SIGNATURES[V074]["chunk_gated_delta_rule"]
         return b
     return f()
 

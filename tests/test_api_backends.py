@@ -41,9 +41,9 @@ BACKENDS = {"chunk_gated_delta_rule": FlashInferPrefillArgs, "chunk_gated_delta_
 
 
 def make(entry, version):
-    b = BACKENDS[entry](params=(P074 if version == V074 else P072) if entry == "chunk_gated_delta_rule"
-                        else (set(ENTRY_POINTS[entry].arguments) | {"q"} if version == V074 or
-                              ENTRY_POINTS[entry].since == V072 else None))
+    """The backend of ``entry`` as it sees the signature of ``version`` (read from the wheel)."""
+    from gdncheck.backends.api_spec import SIGNATURES
+    b = BACKENDS[entry](params=SIGNATURES[version][entry])
     b._pre_params = lambda: P074 if version == V074 else P072
     return b
 
@@ -51,6 +51,8 @@ def make(entry, version):
 def test_version_from_signature(monkeypatch):
     import gdncheck.backends.flashinfer as fi
     monkeypatch.setattr(fi, "_fi_version", lambda: V072)
+    from gdncheck.backends.api_spec import SIGNATURES
+    assert SIGNATURES[V072]["chunk_gated_delta_rule"] == P072 and SIGNATURES[V074]["chunk_gated_delta_rule"] == P074
     assert version_of(P072) == V072 and version_of(P074) == V074 and version_of(None) == "not installed"
     assert "gate_domain" not in make("chunk_gated_delta_rule", V072).arguments
     assert "gate_domain" in make("chunk_gated_delta_rule", V074).arguments

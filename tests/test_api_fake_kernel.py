@@ -119,3 +119,51 @@ def test_planted_bugs_fail(fake, bug, what, monkeypatch):
     r = run_case(b, c, device="cpu")
     checks = [f.check for f in judge(r, budgets)]
     assert any(x.startswith(what) for x in checks) or r.status != "ok", (c.name, checks)
+
+
+def fake_paged(q, k, v, g=None, beta=None, scale=None, *, cu_seqlens, state_pool, page_indices, page_indptr, page_size,
+               last_page_len, use_qk_l2norm_in_kernel=False, output=None, slots=None, **gates):
+    """FlashInfer 0.7.4's chunk_gated_delta_rule_paged body: rows from the page table, then one
+    chunk_gated_delta_rule call (here the fake) with separate rows, page checkpoints and prefix_lens."""
+    from gdncheck_reference import paged_prefill_slots
+    s = paged_prefill_slots(cu_seqlens.cpu(), page_indices.cpu(), page_indptr.cpu(), page_size, last_page_len.cpu())
+    t = lambda x: torch.tensor(x, dtype=torch.int32)  # noqa: E731
+    fake_chunk(q, k, v, g, beta, scale, initial_state=state_pool, output_final_state=True, cu_seqlens=cu_seqlens,
+               use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, output=output, output_state=state_pool,
+               state_checkpoints=state_pool, checkpoint_cu_starts=t(s.checkpoint_cu_starts),
+               checkpoint_every_n_tokens=page_size, use_cp=False, state_indices=t(s.state_indices),
+               output_state_indices=t(s.output_state_indices), checkpoint_state_indices=page_indices,
+               prefix_lens=t(s.prefix_lens), **gates)
+    return output
+
+
+def test_paged_prefill_adapter_end_to_end(monkeypatch):
+    import inspect
+
+    from gdncheck.backends.flashinfer_api import FlashInferPrefillPaged
+    mod = types.ModuleType("flashinfer.gdn_paged")
+    mod.chunk_gated_delta_rule_paged = fake_paged
+    mod.gdn_paged_prefill_slots = None  # imported by the adapter; slots=precomputed cases are skipped here
+    pkg = types.ModuleType("flashinfer")
+    pkg.gdn_paged = mod
+    monkeypatch.setitem(sys.modules, "flashinfer", pkg)
+    monkeypatch.setitem(sys.modules, "flashinfer.gdn_paged", mod)
+    from gdncheck.backends.api_spec import SIGNATURES, V074
+    b = FlashInferPrefillPaged(params=SIGNATURES[V074]["chunk_gated_delta_rule_paged"])
+    b._pre_params = lambda: SIGNATURES[V074]["chunk_gated_delta_rule"]
+    b.available = lambda: None
+    budgets = load_budgets()
+    ran = 0
+    for c in load_suite("api"):
+        if c.tags[0] != "api:chunk_gated_delta_rule_paged" or c.call.get("slots") == "precomputed":
+            continue
+        if b.supports(c) is not None or b.invalid_for(c) is not None:
+            continue
+        r = run_case(b, c, device="cpu")
+        assert r.status == "ok", (c.name, r.reason)
+        fails = [f for f in judge(r, budgets) if f.kind == "contract"]
+        assert not fails, (c.name, [(f.check, f.detail) for f in fails])
+        ran += 1
+        if ran == 4:
+            break
+    assert ran == 4

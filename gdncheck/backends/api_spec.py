@@ -38,6 +38,7 @@ class ArgSpec:
     since: str = V072
     not_sm90: dict = field(default_factory=dict)
     case_key: bool = True
+    keyword: bool = True  # False: a property of the call derived from other arguments (not a parameter)
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class EntryPoint:
         """Arguments present in an installed signature (``params``; None: every argument)."""
         if params is None:
             return dict(self.arguments)
-        return {k: a for k, a in self.arguments.items() if k in params or not a.case_key and a.since == V072}
+        return {k: a for k, a in self.arguments.items()
+                if k in params or not a.keyword or not a.case_key and a.since == V072}
 
 
 def signature_params(fn: Callable | None) -> set[str] | None:
@@ -198,8 +200,9 @@ PREFILL_PAGED = EntryPoint(
         "page_size": ArgSpec((64, 128), None, "tokens per page, a positive multiple of 64 (Python int)"),
         "prefix_lens": ArgSpec(("empty", "aligned", "unaligned", "page_interior"), "empty",
                                "tokens before the new ones, from the page table: the page holding the last "
-                               "prefix token is read (zero state for an empty prefix)"),
-        "zero_length": ArgSpec((False, True), False, "a sequence with no new tokens leaves the pool unchanged"),
+                               "prefix token is read (zero state for an empty prefix)", keyword=False),
+        "zero_length": ArgSpec((False, True), False, "a sequence with no new tokens leaves the pool unchanged",
+                               keyword=False),
         "gate_domain": ArgSpec(("linear", "log"), "linear", "as chunk_gated_delta_rule"),
         "use_gate_in_kernel": ArgSpec((False, True), False, "as chunk_gated_delta_rule"),
         "beta_is_logit": ArgSpec((False, True), False, "as chunk_gated_delta_rule"),
@@ -284,7 +287,8 @@ DECODE_PAGED = EntryPoint(
                "last_page_len": ArgSpec(("one", "interior", "full"), None,
                                         "1: the token opens a new page: read the previous page (left untouched), "
                                         "write the new one; else the last page is updated in place"),
-               "state_dtype": ArgSpec(("float32", "bfloat16"), "float32", "the pool dtypes of decode_pretranspose"),
+               "state_dtype": ArgSpec(("float32", "bfloat16"), "float32", "the pool dtypes of decode_pretranspose",
+                                      keyword=False),
                "slots": ArgSpec(("absent", "precomputed"), "absent", "rows from gdn_paged_decode_slots"),
                "backend": DECODE.arguments["backend"]},
     invalid=(Invalid({"T": 2}, "ValueError", "decodes one token", V074),
@@ -391,3 +395,46 @@ def render_markdown() -> str:
     lines += ["## Not on SM90", "", "| entry point / value | why |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in NOT_SM90.items()]
     return "\n".join(lines) + "\n"
+
+
+# Parameter names of each entry point as read from the wheels (the signatures adapters see there);
+# tests and the coverage table use them in place of an installed package.
+_DEC = ["q", "k", "v", "state", "A_log", "a", "dt_bias", "b", "scale", "output", "use_qk_l2norm"]
+_CHUNK072 = ["q", "k", "v", "g", "beta", "scale", "initial_state", "output_final_state", "cu_seqlens",
+             "use_qk_l2norm_in_kernel", "output", "output_state", "state_checkpoints", "checkpoint_cu_starts",
+             "checkpoint_every_n_tokens", "use_cp", "state_indices", "_cp_chunk_len", "backend", "max_seqlen"]
+_MTP = ["q", "k", "v", "initial_state", "initial_state_indices", "A_log", "a", "dt_bias", "b", "scale", "output",
+        "intermediate_states_buffer", "ssm_state_indices", "disable_state_update", "use_qk_l2norm",
+        "output_state_indices", "cache_replayssm", "replayssm_rawv", "replayssm_rawk", "replayssm_g", "replayssm_beta"]
+SIGNATURES: dict[str, dict[str, set[str] | None]] = {
+    V072: {
+        "chunk_gated_delta_rule": set(_CHUNK072),
+        "chunk_gated_delta_rule_paged": None,
+        "gated_delta_rule_decode_paged": None,
+        "gated_delta_rule_decode": set(_DEC + ["backend"]),
+        "gated_delta_rule_decode_pretranspose": set(_DEC + ["initial_state", "initial_state_indices",
+                                                            "output_state_indices", "intermediate_states_buffer",
+                                                            "disable_state_update", "backend"]),
+        "gated_delta_rule_mtp": set(_MTP),
+        "cake_gated_delta_product_mtp": None,
+    },
+    V074: {
+        "chunk_gated_delta_rule": set(_CHUNK072 + ["gate_domain", "use_gate_in_kernel", "A_log", "dt_bias",
+                                                   "beta_is_logit", "cu_seqlens_cpu", "output_state_indices",
+                                                   "checkpoint_state_indices", "prefix_lens"]),
+        "chunk_gated_delta_rule_paged": {"q", "k", "v", "g", "beta", "scale", "cu_seqlens", "state_pool",
+                                         "page_indices", "page_indptr", "page_size", "last_page_len",
+                                         "use_qk_l2norm_in_kernel", "output", "gate_domain", "use_gate_in_kernel",
+                                         "A_log", "dt_bias", "beta_is_logit", "slots"},
+        "gated_delta_rule_decode_paged": set(_DEC[:3] + _DEC[4:] + ["state_pool", "page_indices", "page_indptr",
+                                                                   "last_page_len", "backend", "slots"]),
+        "gated_delta_rule_decode": set(_DEC + ["backend"]),
+        "gated_delta_rule_decode_pretranspose": set(_DEC + ["initial_state", "initial_state_indices",
+                                                            "output_state_indices", "intermediate_states_buffer",
+                                                            "disable_state_update", "backend"]),
+        "gated_delta_rule_mtp": set(_MTP),
+        "cake_gated_delta_product_mtp": {"q", "k", "v", "initial_state", "initial_state_indices", "A_log", "a",
+                                         "dt_bias", "b", "scale", "output", "ssm_state_indices",
+                                         "disable_state_update", "use_qk_l2norm", "output_state_indices"},
+    },
+}

@@ -198,6 +198,9 @@ def run_inputs(backend: Backend, inputs: Inputs, *, seen_keys: set | None = None
     except Exception as e:  # noqa: BLE001 - a kernel error is a result, not a stop
         zone.close()
         text = f"{type(e).__name__}: {e}".strip()
+        if type(e).__name__ == "DocumentedRejection":  # gdncheck.backends.flashinfer_api: the documented error
+            return CaseResult(status="unsupported", reason=f"rejected as documented: {e}"[:2000], policy=policy,
+                              timing=timing, **base), None
         fatal = any(s in text for s in _FATAL)
         return CaseResult(status="crash" if fatal else "error", reason=text[:2000], policy=policy,
                           timing=timing, extra={"traceback": traceback.format_exc(limit=6)[-4000:]}, **base), None

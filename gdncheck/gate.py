@@ -26,7 +26,7 @@ from gdncheck.run import reseed
 
 # Tiers: suites run on every push (smoke), nightly / before merge (full), under compute-sanitizer (sanitize).
 # sanitize: the cases most likely to expose memory bugs, to run under ``--sanitize`` (cases/sanitize*.toml).
-TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges"],
+TIERS: dict[str, list[str]] = {"smoke": ["smoke"], "full": ["smoke", "models", "edges", "findings"],
                                "sanitize": ["sanitize", "sanitize_large"]}
 
 

@@ -86,6 +86,9 @@ def _raw_gates(case: Case, gen: torch.Generator, B: int, T: int):
         b = -20.0 - u(B, T, HS)
     elif d == "beta_one":
         b = 20.0 + u(B, T, HS)
+    elif d in ("softplus_huge", "softplus_huge_neg", "beta_logit_huge", "decay_underflow"):
+        from gdncheck.edges import edge_gates
+        A_log, dt_bias, a, b = edge_gates(d, A_log, dt_bias, a, b, u)
     return A_log, dt_bias, a, b
 
 
@@ -137,6 +140,9 @@ def materialize(case: Case, device: str | torch.device = "cpu") -> Inputs:
     q = (torch.randn(B, T, H, K, generator=gen) * case.qk_scale).to(dt)
     k = (torch.randn(B, T, H, K, generator=gen) * case.qk_scale).to(dt)
     v = (torch.randn(B, T, HV, V, generator=gen) * case.v_scale).to(dt)
+    if case.value_edge is not None:
+        from gdncheck.edges import edge_values
+        q, k, v = edge_values(case, q, k, v)
     A_log, dt_bias, a, b = _raw_gates(case, gen, B, T)
     A_log, dt_bias = A_log.to(torch.float32), dt_bias.to(torch.float32)
     a, b = a.to(gdt), b.to(gdt)
@@ -177,8 +183,12 @@ def materialize(case: Case, device: str | torch.device = "cpu") -> Inputs:
     inter = None
     if case.intermediate:
         inter = torch.full((B, T, *sshape), float("nan"), dtype=torch.float32, device=dev)
-    return Inputs(case=case, q=q, k=k, v=v, A_log=A_log, dt_bias=dt_bias, a=a, b=b, g=g, beta=beta,
-                  cu_seqlens=cu, state=state, read_indices=ri, write_indices=wi, out=out, intermediate=inter)
+    res = Inputs(case=case, q=q, k=k, v=v, A_log=A_log, dt_bias=dt_bias, a=a, b=b, g=g, beta=beta,
+                 cu_seqlens=cu, state=state, read_indices=ri, write_indices=wi, out=out, intermediate=inter)
+    if case.value_edge == "poison_padding":
+        from gdncheck.edges import poison_padding
+        poison_padding(case, res)
+    return res
 
 
 def inputs_digest(inputs: Inputs) -> str:

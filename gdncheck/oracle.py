@@ -34,6 +34,12 @@ def expected(inputs: Inputs, policy: str = "skip", zero_length: str = "passthrou
     result has the same form: ``pool`` is the expected final state ``[N, HS, ...]`` then.
     """
     c = inputs.case
+    if c.call and c.op == "prefill" and "page_size" not in c.call:  # chunk_gated_delta_rule with its arguments
+        from gdncheck.api_calls import expected_prefill_call
+        return expected_prefill_call(inputs.clone(device) if device is not None else inputs)
+    if c.call.get("page_size"):  # paged pools: rows from the page table
+        from gdncheck.api_calls import expected_paged
+        return expected_paged(inputs.clone(device) if device is not None else inputs, gates64)
     if form is None:  # a few tokens per sequence: the token loop beats padding a 64-token chunk
         form = "recurrent" if max(c.seqlens) <= 16 else "chunked"
     dev = torch.device(device) if device is not None else inputs.q.device

@@ -370,7 +370,7 @@ def violations(rz: RedZones | None, before, after) -> tuple[list[str], list[str]
 
 
 def record(contracts, guards: list[str], changed_inputs: list[str]) -> None:
-    """Put :func:`violations` into a :class:`~gdncheck.report.schema.Contracts` (hard contracts)."""
+    """Put :func:`violations` into a :class:`~gdncheck.data.results.Contracts` (hard contracts)."""
     contracts.redzone = list(guards)
     contracts.inputs_modified = list(changed_inputs)
     contracts.details += [f"red zone: {g}" for g in guards[:4]]

@@ -116,10 +116,12 @@ def build_case(
     verify_T: Iterable[int] = VERIFY_T,
     max_pool_extra: int = 6,
     dtypes: Iterable[str] | None = None,
+    edge_values: bool = False,
 ) -> Case | None:
     """One case from the choices of ``d``; None when ``backend.supports`` rejects it.
 
-    Arguments as :func:`cases`.
+    Arguments as :func:`cases`; ``edge_values`` also draws the edge gate distributions and value
+    edges of :mod:`gdncheck.edges` (off by default: the draws of a seed stay as they were).
     """
     caps = backend.caps if backend is not None else None
 
@@ -190,12 +192,20 @@ def build_case(
     qk_scale = d.one((1.0, 3.0)) if l2norm else round(0.5 / K ** 0.5, 6)
     state_scale = d.one((0.3, 0.0, 1.0))
     seed = d.integer(0, 2**31 - 1)
+    value_edge = None
+    if edge_values:
+        from gdncheck.edges import EDGE_GATE_DISTS, VALUE_EDGES
+        gate_dist = d.one((gate_dist, *EDGE_GATE_DISTS))
+        value_edge = d.one((None, *VALUE_EDGES))
+        if value_edge == "poison_padding" and not any(r < 0 for r in (read or [])):
+            value_edge = None
     case = Case(op=op, seqlens=seqlens, H=H, HV=HV, K=K, V=V, dtype=dtype,
                 gate_dtype=dtype if dtype != "float32" else "bfloat16", state_dtype=state_dtype, layout=layout,
                 scale=scale, l2norm=l2norm, gate_source=gate_source, gate_dist=gate_dist, v_scale=v_scale,
                 qk_scale=qk_scale, state_scale=state_scale, pool_size=pool_size, read_indices=read,
                 write_indices=write, disable_state_update=disable, intermediate=intermediate,
-                pool_strided=pool_strided, gate_strided=gate_strided, seed=seed, tags=["fuzz"])
+                pool_strided=pool_strided, gate_strided=gate_strided, seed=seed, tags=["fuzz"],
+                value_edge=value_edge)
     if backend is not None and backend.supports(case) is not None:
         return None
     return case
@@ -228,3 +238,22 @@ def random_cases(n: int, seed: int = 0, backend: "Backend | None" = None, **kw) 
         if c is not None:
             made += 1
             yield c
+
+
+@st.composite
+def api_cases(draw, entry: str = "chunk_gated_delta_rule") -> Case:
+    """Strategy of cases that pin argument values of a FlashInfer entry point: one expressible
+    combination of :data:`gdncheck.api_suite.DIMS` (documented-invalid ones included: the backend
+    must reject them), built as the ``api`` suite builds its cases, with a drawn seed."""
+    from gdncheck.api_suite import DIMS, _expressible_shape, case_of
+
+    combo = {}
+    for name, values in DIMS[entry]:
+        ok = [v for v in values if _expressible_shape(entry, {**combo, name: v})]
+        assume(ok)
+        combo[name] = draw(st.sampled_from(ok))
+    assume(_expressible_shape(entry, combo))
+    e = case_of(entry, combo, 0)
+    e["seed"] = draw(st.integers(0, 2**31 - 1))
+    e["tags"] = e["tags"] + ["fuzz"]
+    return Case(**e)

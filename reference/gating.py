@@ -68,3 +68,34 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``x / sqrt(sum(x**2) + eps)`` over the last dim, the kernels' convention (not F.normalize)."""
     x = x.to(F64)
     return x / torch.sqrt((x * x).sum(-1, keepdim=True) + eps)
+
+
+# FlashInfer's SM90 chunk kernel takes log2(alpha + 1e-10) of the linear alpha it is given
+# (``AlphaProcessor``), so a decay below ~e^-23 per token acts as 1e-10.
+SM90_ALPHA_EPS = 1e-10
+
+
+def sm90_log_alpha(g: torch.Tensor, eps: float = SM90_ALPHA_EPS) -> torch.Tensor:
+    """The log decay the SM90 prefill kernel applies for log decay ``g``: ``log(exp(g) + eps)``.
+
+    Equal to ``g`` within ``eps * exp(-g)`` relative while ``g >> log(eps) ~ -23``; floored
+    at ``log(eps)`` below. ``gate_domain="log"`` reaches it through ``alpha = exp(g)`` in fp32
+    (0 below g ~ -103), so both domains hit the same floor.
+    """
+    return torch.log(torch.exp(g.to(F64)) + eps)
+
+
+def beta_from_logit(b: torch.Tensor) -> torch.Tensor:
+    """``beta_is_logit=True``: sigmoid in fp32, rounded to ``b``'s dtype, returned as float64.
+
+    FlashInfer computes ``sigmoid(b.float()).to(b.dtype).float()``; the oracle rounds the float64
+    sigmoid to fp32 first (a correctly rounded fp32 sigmoid) and then to ``b``'s dtype.
+    """
+    s = torch.sigmoid(b.to(F64)).to(torch.float32)
+    return s.to(b.dtype).to(F64)
+
+
+def gates_in_kernel(A_log: torch.Tensor, a: torch.Tensor, dt_bias: torch.Tensor) -> torch.Tensor:
+    """``use_gate_in_kernel=True`` in prefill: log decay ``-exp(A_log) * softplus(a + dt_bias)``,
+    float64, from the raw inputs as the kernel received them (any dtype)."""
+    return -torch.exp(A_log.to(F64)) * softplus(a.to(F64) + dt_bias.to(F64))

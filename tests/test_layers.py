@@ -8,12 +8,14 @@ PKG = Path(__file__).resolve().parents[1] / "gdncheck"
 # bottom to top (issue: schemas, then oracle and metrics, the judge, execution, workflows, rendering, CLI)
 LAYERS = [
     ("data", ["gdncheck", "gdncheck.data", "gdncheck.progress"]),
-    ("inputs", ["gdncheck.suites", "gdncheck.inputs", "gdncheck.budgets", "gdncheck.redzone"]),
-    ("oracle and metrics", ["gdncheck.oracle", "gdncheck.metrics", "gdncheck.strategies"]),
+    ("inputs", ["gdncheck.suites", "gdncheck.inputs", "gdncheck.budgets", "gdncheck.redzone", "gdncheck.edges"]),
+    ("oracle and metrics", ["gdncheck.oracle", "gdncheck.api_calls", "gdncheck.metrics"]),
     ("judge", ["gdncheck.judge"]),
     ("backends", ["gdncheck.backends"]),
-    ("execution", ["gdncheck.execute", "gdncheck.sanitize", "gdncheck.shard"]),
-    ("workflows", ["gdncheck.run", "gdncheck.engine_parity", "gdncheck.gate", "gdncheck.fuzz", "gdncheck.repro",
+    # case generation for a backend (its declared capabilities and API) sits above the backends
+    ("execution", ["gdncheck.execute", "gdncheck.sanitize", "gdncheck.shard", "gdncheck.strategies",
+                   "gdncheck.api_suite"]),
+    ("workflows", ["gdncheck.run", "gdncheck.engine_parity", "gdncheck.findings", "gdncheck.api_coverage", "gdncheck.gate", "gdncheck.fuzz", "gdncheck.repro",
                    "gdncheck.ablate",
                    "gdncheck.drift", "gdncheck.bench", "gdncheck.explain"]),
     ("rendering", ["gdncheck.report"]),

@@ -18,6 +18,12 @@ __all__ = ["Backend", "Capabilities", "Outputs", "BUILTIN", "BackendNotFound", "
 
 # name -> "module:factory"; imported lazily so a missing kernel package costs nothing.
 BUILTIN: dict[str, str] = {
+    # every public GDN entry point of FlashInfer on SM90 (api_spec.py); version-aware
+    "flashinfer-prefill-args": "gdncheck.backends.flashinfer_api:FlashInferPrefillArgs",
+    "flashinfer-prefill-paged": "gdncheck.backends.flashinfer_api:FlashInferPrefillPaged",
+    "flashinfer-decode-paged": "gdncheck.backends.flashinfer_api:FlashInferDecodePaged",
+    "flashinfer-decode-vlast": "gdncheck.backends.flashinfer_api:FlashInferDecodeVLast",
+    "flashinfer-cake-mtp": "gdncheck.backends.flashinfer_api:FlashInferCakeMTP",
     "twin-fla": "gdncheck.backends.twins:FLATwin",
     "twin-flashinfer": "gdncheck.backends.twins:FlashInferTwin",
     "fla-interp": "gdncheck.backends.fla:FLAInterpreter",

@@ -76,6 +76,8 @@ class Backend:
     # rough seconds a new compile key costs on first call: a scheduling hint only, so that
     # parallel runs (``--jobs``) start the longest compiles first
     compile_hint_s: ClassVar[float] = 0.0
+    # adapters that pass ``Case.call`` (entry-point arguments) to their kernel; others refuse such cases
+    understands_call: ClassVar[bool] = False
 
     # ablation switches this backend can express (``gdncheck ablate``): names from
     # gdncheck.ablate.SWITCH_NAMES; the twins take all of them through constructor knobs
@@ -114,6 +116,8 @@ class Backend:
     def supports(self, case: Case) -> str | None:
         """None when ``case`` can run, else the reason it is unsupported."""
         c = self.caps
+        if case.call and not self.understands_call:
+            return f"{self.name} does not take entry-point arguments (the case pins {sorted(case.call)})"
         checks = [
             (case.op in c.ops, f"op {case.op}"),
             (case.dtype in c.dtypes, f"dtype {case.dtype}"),

@@ -18,8 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Op = Literal["prefill", "decode", "verify"]
 DType = Literal["bfloat16", "float16", "float32"]
-GateDist = Literal["model", "alpha_one", "alpha_tiny", "softplus_high", "softplus_low", "beta_zero", "beta_one"]
+GateDist = Literal["model", "alpha_one", "alpha_tiny", "softplus_high", "softplus_low", "beta_zero", "beta_one",
+                   # edges (see gdncheck/edges.py): a + dt_bias and b far past every fp32/bf16 overflow point
+                   "softplus_huge", "softplus_huge_neg", "beta_logit_huge", "decay_underflow"]
 Padding = Literal["skip", "null_slot", "caller_value"]
+ValueEdge = Literal["qk_zero", "qk_tiny", "v_huge", "v_subnormal", "poison_padding"]
 
 _ID_EXCLUDE = {"name", "tags"}
 # Fields a case id has hashed from the start. A field added later enters the id only when it is
@@ -63,6 +66,10 @@ class Case(BaseModel):
     pool_strided: bool = Field(False, description="pool is a non-contiguous view (slot stride > slot size)")
     gate_strided: bool = Field(False, description="a and b are strided views of one projection output")
     seed: int = Field(0, ge=0, description="seed of the CPU generator that builds every tensor")
+    call: dict[str, str | int | float | bool | list[int] | None] = Field(
+        default_factory=dict, description="entry-point argument values this case pins (names and legal values: the "
+        "backend's ``arguments``, gdncheck/backends/api_spec.py); paged cases: page_size, prefix_lens")
+    value_edge: ValueEdge | None = Field(None, description="input values at the numeric edges (gdncheck/edges.py)")
     name: str | None = Field(None, description="human label (not part of the id)")
     tags: list[str] = Field(default_factory=list, description="suite tags (not part of the id)")
 
@@ -135,6 +142,8 @@ class Case(BaseModel):
 
     @property
     def padded_rows(self) -> list[int]:
+        if self.op == "prefill" and self.call and self.write_indices is not None:
+            return []  # prefill with output_state_indices (call): read -1 starts from the zero state, not padding
         return [n for n, r in enumerate(self.read_indices or []) if r < 0]
 
     def repro(self, backend: str | None = None) -> str:

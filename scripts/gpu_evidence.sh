@@ -84,6 +84,24 @@ step_full_resume() {
   sampled "full_${FI}_resume" gdncheck gate --tier full -j "$J" --baseline "$BASELINE" --min-overlap 0.25 \
     --out "$RUNS/full_$FI" --resume --no-progress
 }
+# Issue 15: every SM90 entry point and argument combination (the api suite) on the version-aware
+# backends; on 0.7.2.post1 the 0.7.4-only arguments and entry points say so.
+API="-b flashinfer-prefill-args -b flashinfer-prefill-paged -b flashinfer-decode-paged -b flashinfer-decode-vlast -b flashinfer-cake-mtp"
+step_api() {
+  warm smoke
+  sampled "api_$FI" gdncheck run -s api $API -j "$J" --out "$RUNS/api_$FI" --no-progress
+  python -m gdncheck.findings "$RUNS/full_$FI/results.jsonl" > "$RUNS/findings_$FI.md" 2>&1
+}
+# FlashInfer 0.7.2.post1 after 0.7.4 on one machine: the smoke, edges and findings suites (the models
+# suite passed on 0.7.2.post1 in the H100 full tier), and the api suite.
+step_older() {
+  warm smoke
+  sampled "older_$FI" gdncheck gate -s smoke -s edges -s findings -j "$J" --baseline "$BASELINE" --min-overlap 0.25 \
+    --out "$RUNS/full_$FI" --no-progress
+  gdncheck report matrix "$RUNS/full_$FI/results.jsonl" --out "$RUNS/matrix_$FI" > /dev/null
+  timed "api_$FI" timeout 200 python -m gdncheck run -s api $API -j "$J" --out "$RUNS/api_$FI" --no-progress
+  python -m gdncheck.findings "$RUNS/full_$FI/results.jsonl" > "$RUNS/findings_$FI.md" 2>&1
+}
 step_gputests() { warm smoke; timed "gpu_tests_$FI" timeout 300 python -m pytest -q -m gpu tests/test_backends_gpu.py -p no:cacheprovider; }
 # Issue 16: every engine path over smoke, models and edges.
 step_engines() {
@@ -94,29 +112,34 @@ step_engines() {
 # Issue 17: the real pairs.
 step_explain() {
   warm smoke
-  timed explain_prefill timeout 240 gdncheck explain flashinfer-prefill fla-chunk --device cuda --seeds 2 --out "$RUNS/explain/prefill"
-  timed explain_decode timeout 200 gdncheck explain flashinfer-decode fla-recurrent --device cuda --seeds 2 --out "$RUNS/explain/decode"
+  timed explain_prefill timeout 110 python -m gdncheck explain flashinfer-prefill fla-chunk --device cuda --out "$RUNS/explain/prefill"
+  timed explain_decode timeout 90 python -m gdncheck explain flashinfer-decode fla-recurrent --device cuda --out "$RUNS/explain/decode"
 }
 # One backend on two versions: save outputs under each version (run this step once per FlashInfer).
 step_explain_save() {
   warm smoke
-  timed "explain_save_$FI" timeout 240 gdncheck explain flashinfer-prefill --save "$RUNS/explain-fi" --device cuda --seeds 2
-  timed "explain_save_decode_$FI" timeout 200 gdncheck explain flashinfer-decode --save "$RUNS/explain-fi" --device cuda --seeds 2
+  timed "explain_save_$FI" timeout 80 python -m gdncheck explain flashinfer-prefill --save "$RUNS/explain-fi" --device cuda
+  timed "explain_save_decode_$FI" timeout 60 python -m gdncheck explain flashinfer-decode --save "$RUNS/explain-fi" --device cuda
 }
 # Issue 20: the sanitize tier under memcheck (FlashInfer and FLA), the big pools alone at the end.
 step_sanitize() {
   warm smoke
-  timed "sanitize_$FI" timeout "${SAN_S:-300}" gdncheck gate --suite sanitize $FIB -b fla-chunk -b fla-recurrent \
+  timed "sanitize_$FI" timeout "${SAN_S:-300}" python -m gdncheck gate --suite sanitize $FIB -b fla-chunk -b fla-recurrent \
     --sanitize memcheck -j 8 --out "$RUNS/sanitize_$FI" --no-progress
+}
+step_sanitize_resume() {
+  warm smoke
+  timed "sanitize_${FI}_resume" timeout "${SAN_S:-300}" python -m gdncheck gate --suite sanitize $FIB -b fla-chunk \
+    -b fla-recurrent --sanitize memcheck -j 8 --out "$RUNS/sanitize_$FI" --resume --no-progress
 }
 step_sanitize_large() {
   warm smoke
-  timed "sanitize_large_$FI" timeout "${SANL_S:-240}" gdncheck gate --suite sanitize_large $FIB --sanitize memcheck \
+  timed "sanitize_large_$FI" timeout "${SANL_S:-240}" python -m gdncheck gate --suite sanitize_large $FIB --sanitize memcheck \
     --out "$RUNS/sanitize_large_$FI" --no-progress
 }
 step_redzone_cost() { warm smoke; timed "redzone_cost" timeout 200 python scripts/bench_redzone.py --device cuda --suite smoke; }
 export -f log timed gdncheck cold warm sample sampled $(declare -F | awk '/step_/{print $3}')
-export RUNS J FI FIB BASELINE
+export RUNS J FI FIB BASELINE API
 timeout "${BUDGET_S:-560}" bash -c 'trap "kill -TERM \$(jobs -p) 2>/dev/null; pkill -TERM -P \$\$; exit 124" TERM
   for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
 echo "steps ended with rc=$?"

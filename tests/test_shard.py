@@ -216,7 +216,8 @@ _FULL_ONLY = {
     "flashinfer-prefill": {"strided gates", "strided pool"},
     "flashinfer-prefill-cp": {"strided gates", "strided pool"},
     "flashinfer-prefill-chunk": {"strided gates", "strided pool"},
-    "flashinfer-decode": {"no l2norm"},
+    # fp16 inputs on decode: the edges suite's value cases (the full tier), not a smoke path of its own
+    "flashinfer-decode": {"no l2norm", "fp16 io"},
     "flashinfer-mtp": {"no l2norm", "strided gates", "strided pool", "write != read"},
     "flashinfer-mtp-ssm": {"no l2norm", "strided gates", "write != read"},
     "fla-interp": {"T > 64 (chunks)", "write != read"},

@@ -106,10 +106,11 @@ _API = re.compile(r"^Program hit\s+(\w+)(?:\s+\(error\s+(\d+)\))?(?:\s+due to\s+
                   r"(?:\s+on CUDA API call to\s+(\w+))?")
 _AT = re.compile(r"^at\s+(.+?)(?:\s+in\s+(.+?))?\s*$")
 _THREAD = re.compile(r"by thread \((\d+),\s*(\d+),\s*(\d+)\)\s+in block \((\d+),\s*(\d+),\s*(\d+)\)")
-_ADDR = re.compile(r"^Address\s+(0x[0-9a-fA-F]+)(?:\s+is\s+(.+?))?\.?\s*$")
-_NEAR = re.compile(r"and is\s+(\d+)\s+bytes\s+(before|after)\s+the nearest allocation at\s+(0x[0-9a-fA-F]+)"
-                   r"\s+of size\s+(\d+)\s+bytes", re.I)
-_INSIDE = re.compile(r"and is inside the nearest allocation at\s+(0x[0-9a-fA-F]+)\s+of size\s+(\d+)\s+bytes", re.I)
+# compute-sanitizer 2025.3 writes "Access to 0x.. is out of bounds" and sizes with thousands separators
+_ADDR = re.compile(r"^(?:Address|Access to)\s+(0x[0-9a-fA-F]+)(?:\s+is\s+(.+?))?\.?\s*$")
+_NEAR = re.compile(r"and is\s+([\d,]+)\s+bytes\s+(before|after)\s+the nearest allocation at\s+(0x[0-9a-fA-F]+)"
+                   r"\s+of size\s+([\d,]+)\s+bytes", re.I)
+_INSIDE = re.compile(r"and is inside the nearest allocation at\s+(0x[0-9a-fA-F]+)\s+of size\s+([\d,]+)\s+bytes", re.I)
 _AND_ACCESS = re.compile(r"^and\s+(\w+)\s+access\s+at\s+(.+?)(?:\s*\[(\d+)\s+hazards?\])?\s*$", re.I)
 _HAZ_THREAD = re.compile(r"^(Write|Read)\s+Thread\s+\((\d+),\s*(\d+),\s*(\d+)\)\s+at\s+(.+?)\s*$")
 
@@ -154,7 +155,9 @@ def _new_finding(head: str) -> SanitizerFinding:
         return f
     m = _API.match(head)
     if m:
-        f.severity = "error"
+        # a host API call that returned an error: not a device memory access (cuda-python probes
+        # cuGetProcAddress for driver symbols at import; a failed launch fails the case itself)
+        f.severity = "api"
         f.kind = f"api {m.group(1)}" + (f" in {m.group(4)}" if m.group(4) else "")
         f.address_note = m.group(3)
         return f
@@ -185,12 +188,12 @@ def _continue(f: SanitizerFinding, line: str) -> None:
         return
     m = _NEAR.search(s)
     if m:
-        f.nearest_allocation = f"{m.group(1)} bytes {m.group(2)} the nearest allocation at {m.group(3)} " \
-                               f"of size {m.group(4)} bytes"
+        f.nearest_allocation = f"{m.group(1).replace(',', '')} bytes {m.group(2)} the nearest allocation at " \
+                               f"{m.group(3)} of size {m.group(4).replace(',', '')} bytes"
         return
     m = _INSIDE.search(s)
     if m:
-        f.nearest_allocation = f"inside the nearest allocation at {m.group(1)} of size {m.group(2)} bytes"
+        f.nearest_allocation = f"inside the nearest allocation at {m.group(1)} of size {m.group(2).replace(',', '')} bytes"
         return
     m = _AND_ACCESS.match(s)
     if m and f.kind.startswith("race"):
@@ -274,6 +277,9 @@ def parse_report(text: str, tool: str = "memcheck", buffers: list[dict] | None =
         indented = body[:1].isspace()
         s = body.strip()
         sm, rm = _ERR_SUMMARY.search(s), _RACE_SUMMARY.search(s)
+        if sm and "not printed" in s:  # "N errors were not printed": the count follows on its own line
+            close()
+            continue
         if sm or rm:
             close()
             summary = s
@@ -307,10 +313,12 @@ def parse_report(text: str, tool: str = "memcheck", buffers: list[dict] | None =
             if m:
                 f.buffer = locate(m.group(1), buffers)
     errors = sum(f.severity == "error" for f in findings)
+    api = sum(f.severity == "api" for f in findings)
     warnings = sum(f.severity == "warning" for f in findings)
-    return SanitizerReport(tool=tool, errors=max(errors, counted or 0), warnings=max(warnings, warned or 0),
-                           summary=summary, findings=findings[:MAX_FINDINGS],
-                           dropped=max(0, len(findings) - MAX_FINDINGS))
+    # the tool's count includes API errors; the memory, race and initialisation errors are the rest
+    return SanitizerReport(tool=tool, errors=max(errors, (counted or 0) - api), api_errors=api,
+                           warnings=max(warnings, warned or 0), summary=summary,
+                           findings=findings[:MAX_FINDINGS], dropped=max(0, len(findings) - MAX_FINDINGS))
 
 
 # ---------------------------------------------------------------- one case under the tool

@@ -76,7 +76,8 @@ class Timing(BaseModel):
 class SanitizerFinding(BaseModel):
     """One error or warning of compute-sanitizer, parsed from its report (``gdncheck.sanitize``)."""
 
-    severity: Literal["error", "warning", "note"] = "error"
+    severity: Literal["error", "api", "warning", "note"] = Field(
+        "error", description="api: a host API call returned an error (reported apart, not a memory access)")
     kind: str = Field("", description="e.g. 'Invalid __global__ write', 'Uninitialized __global__ memory read', "
                                       "'race Write/Read', 'api cudaErrorIllegalAddress'")
     access: str | None = Field(None, description="read, write or atomic")
@@ -112,7 +113,9 @@ class SanitizerReport(BaseModel):
     tool: str
     command: str = ""
     exit_code: int | None = None
-    errors: int = Field(0, description="errors the tool counted (ERROR SUMMARY), at least the parsed ones")
+    errors: int = Field(0, description="memory, race and initialisation errors: the tool's ERROR SUMMARY less its "
+                        "API errors, at least the parsed ones")
+    api_errors: int = Field(0, description="host API calls that returned an error (cuGetProcAddress probes at import)")
     warnings: int = 0
     summary: str = Field("", description="the tool's summary line")
     findings: list[SanitizerFinding] = Field(default_factory=list)

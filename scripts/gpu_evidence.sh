@@ -143,5 +143,5 @@ export RUNS J FI FIB BASELINE API
 timeout "${BUDGET_S:-560}" bash -c 'trap "kill -TERM \$(jobs -p) 2>/dev/null; pkill -TERM -P \$\$; exit 124" TERM
   for s in "$@"; do echo "=== step $s"; "step_$s"; done' _ "$@"
 echo "steps ended with rc=$?"
-tar czf "$OUT/evidence.tgz" -C "$RUNS" --exclude ./cache --exclude '*.safetensors' . && ls -la "$OUT"
+tar czf "$OUT/evidence.tgz" -C "$RUNS" --exclude ./cache . && ls -la "$OUT"  # explain-fi's saved outputs travel too
 cat "$RUNS/timings.tsv"

@@ -57,6 +57,7 @@ class Capabilities(BaseModel):
     intermediate: bool = True
     disable_state_update: bool = True
     custom_scale: bool = True
+    empty_batch: bool = Field(True, description="takes a packed prefill batch of T = 0 tokens (engines never send one)")
     padding: set[str] = Field(default_factory=lambda: {"skip", "null_slot", "caller_value"},
                               description="padding policies this backend can honour")
     device: str = Field("cpu", description="where it runs: 'cpu' (always the CPU), 'cuda', or 'any' (the run's device)")
@@ -135,6 +136,8 @@ class Backend:
             (c.intermediate or not case.intermediate, "intermediate states"),
             (c.disable_state_update or not case.disable_state_update, "disable_state_update"),
             (c.custom_scale or case.scale is None or abs(case.scale - case.K ** -0.5) < 1e-12, "custom scale"),
+            (c.empty_batch or case.op != "prefill" or case.T > 0,
+             "an empty packed batch (T = 0), a call no engine makes"),
         ]
         for ok, what in checks:
             if not ok:

@@ -119,18 +119,11 @@ class SGLangFlashInferExtend(_EngineFlashInfer):
     modules = ("linear.fused_gdn_gating", "fla.l2norm")
     fi_module = "flashinfer.gdn_prefill"
     twin = "twin-fla-beta-bf16"
-    caps = _CAPS.model_copy(update={"ops": {"prefill"}, "varlen": True})
+    caps = _CAPS.model_copy(update={"empty_batch": False, "ops": {"prefill"}, "varlen": True})
     padding_policy = {}
     zero_length_policy = "untouched"
     compile_hint_s = 20.0
 
-    def supports(self, case: Case) -> str | None:
-        why = super().supports(case)
-        if why:
-            return why
-        if case.T == 0:
-            return f"{self.name}: an empty packed batch (T = 0) is not a call an engine makes"
-        return None
 
     def run(self, inputs: Inputs) -> Outputs:
         from flashinfer.gdn_prefill import chunk_gated_delta_rule
@@ -202,7 +195,7 @@ class VLLMFlashInferPrefill(_EngineFlashInfer):
     modules = ("fused_gdn_prefill_post_conv",)
     fi_module = "flashinfer.gdn_prefill"
     pad_reason = "vLLM's prefill batch has no padded rows (index <= 0 is its null block)"
-    caps = _CAPS.model_copy(update={"ops": {"prefill"}, "varlen": True, "strided_gates": False,
+    caps = _CAPS.model_copy(update={"empty_batch": False, "ops": {"prefill"}, "varlen": True, "strided_gates": False,
                                     "l2norm": {True, False}, "state_dtypes": {"float32", "bfloat16"}})
     padding_policy = {}
     zero_length_policy = "untouched"
@@ -214,8 +207,6 @@ class VLLMFlashInferPrefill(_EngineFlashInfer):
             return why
         if case.read_indices is not None and 0 in case.read_indices:
             return f"{self.name}: slot 0 is vLLM's null block"
-        if case.T == 0:
-            return f"{self.name}: an empty packed batch (T = 0) is not a call an engine makes"
         return None
 
     def run(self, inputs: Inputs) -> Outputs:

@@ -90,7 +90,7 @@ class FlashInferPrefill(_FlashInferBase):
     """
 
     name = "flashinfer-prefill"
-    caps = Capabilities(
+    caps = Capabilities(empty_batch=False, 
         ops={"prefill"}, dtypes={"bfloat16", "float16"}, state_dtypes={"float32", "bfloat16", "float16"},
         layouts={"k_last"}, K={128}, V={128}, gva=True, gqa=False, varlen=True, pool=True,
         strided_pool=True, strided_gates=True, gate_sources={"precomputed"}, l2norm={True, False},
@@ -121,8 +121,6 @@ class FlashInferPrefill(_FlashInferBase):
             return f"{self.name}: one state_indices tensor reads and writes (write_indices must equal read_indices)"
         if case.pool_size is not None and any(r < 0 for r in case.read_indices):
             return f"{self.name}: negative state_indices are not padding on this path"
-        if case.T == 0:
-            return f"{self.name}: an empty packed batch (T = 0) is not a call an engine makes"
         return None
 
     def route(self, case: Case) -> str:

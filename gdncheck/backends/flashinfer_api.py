@@ -137,7 +137,7 @@ class FlashInferPrefillArgs(_ApiBackend):
     name = "flashinfer-prefill-args"
     entry = "chunk_gated_delta_rule"
     fn = "flashinfer.gdn_prefill.chunk_gated_delta_rule"
-    caps = Capabilities(ops={"prefill"}, dtypes={"bfloat16", "float16"}, state_dtypes={"float32", "bfloat16", "float16"},
+    caps = Capabilities(empty_batch=False, ops={"prefill"}, dtypes={"bfloat16", "float16"}, state_dtypes={"float32", "bfloat16", "float16"},
                         layouts={"k_last"}, K={128}, V={128}, gva=True, gqa=False, pool=True, strided_pool=False,
                         strided_gates=False, gate_sources={"precomputed", "raw"}, intermediate=False,
                         disable_state_update=False, padding={"skip", "null_slot", "caller_value"}, device="cuda")
@@ -151,8 +151,6 @@ class FlashInferPrefillArgs(_ApiBackend):
         if case.call.get("checkpoint_every_n_tokens", 0) and case.pool_size is not None and \
                 case.call.get("checkpoint_state_indices", "absent") == "absent":
             return f"{self.name}: a separate checkpoint tensor is covered with plain states only"
-        if case.T == 0:
-            return f"{self.name}: an empty packed batch (T = 0) is not a call an engine makes"
         try:
             checkpoint_plan(case)
         except ValueError as e:

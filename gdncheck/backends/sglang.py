@@ -178,7 +178,7 @@ class SGLangExtend(EngineBackend):
     pkg = "sglang"
     modules = (_GATING, _CHUNK)
     twin = "twin-fla-beta-bf16"
-    caps = Capabilities(
+    caps = Capabilities(empty_batch=False, 
         ops={"prefill"}, dtypes={"bfloat16"}, state_dtypes={"float32", "bfloat16"}, layouts={"k_last"},
         gva=True, gqa=False, varlen=True, pool=True, strided_pool=False, strided_gates=True,
         gate_sources={"raw"}, l2norm={True}, intermediate=False, disable_state_update=False,
@@ -189,12 +189,7 @@ class SGLangExtend(EngineBackend):
     compile_hint_s = 40.0
 
     def supports(self, case: Case) -> str | None:
-        why = super().supports(case) or _one_slot(self, case)
-        if why:
-            return why
-        if case.T == 0:
-            return f"{self.name}: an empty packed batch (T = 0) is not a call an engine makes"
-        return None
+        return super().supports(case) or _one_slot(self, case)
 
     def compile_key(self, case: Case) -> tuple:
         return (self.name, case.H, case.HV, case.K, case.V, case.dtype, case.state_dtype)

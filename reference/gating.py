@@ -1,6 +1,6 @@
 """Gates and q/k normalisation in float64, with the rounding hooks used by ablations.
 
-Math (KERNELS.md §1)::
+Math::
 
     g     = -exp(A_log) * softplus(a + dt_bias)      # log decay, <= 0
     alpha = exp(g)

@@ -3,7 +3,7 @@
 * ``chunked`` vs ``recurrent`` on random cases drawn by Hypothesis (GVA ratios 2 and 3,
   GQA, varlen with zero-length sequences, non-zero initial states, both layouts,
   intermediate states, T not a multiple of the chunk, strided and low-precision inputs).
-* A scalar loop written here in plain Python floats from KERNELS.md §1 (gates from raw
+* A scalar loop written here in plain Python floats from the gated delta rule's definition (gates from raw
   ``A_log, a, dt_bias, b``; L2 norm with eps 1e-6; default scale ``K ** -0.5``; GVA/GQA head
   maps; varlen) against the oracle, plain and pooled (padding, policies, intermediates).
 

@@ -267,7 +267,7 @@ def interpreter_fixes(pkg: str) -> list[str]:
     """Patch the loaded kernel modules of ``pkg`` for Triton's CPU interpreter; returns what it did.
 
     Only under ``TRITON_INTERPRET=1``, only on modules already in ``sys.modules`` under the
-    engine's ops package, idempotent. The fixes (KERNELS.md, Triton 3.6 interpreter):
+    engine's ops package, idempotent. The fixes (Triton 3.6 interpreter):
 
     - module-level aliases of Triton builtins (``exp = tl.exp`` in ``op.py`` and every module that
       imported them): the interpreter patches ``tl.*`` only when reached through the module

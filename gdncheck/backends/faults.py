@@ -1,6 +1,6 @@
 """Planted-fault backends: the clean FlashInfer twin with exactly one bug each.
 
-They exist to prove that the gate catches the bugs users met in this family (KERNELS.md §5):
+They exist to prove that the gate catches the bugs users met in this family (-1 padding into a live slot, int32 offsets past slot 4096, uncached intermediates, ...):
 each fault in :data:`FAULTS` must turn at least one case of :func:`fault_cases` red, while the
 clean twin (:func:`clean_twin`) passes them all. Every fault overrides one hook of
 :class:`~gdncheck.backends.twins._Twin` (or one knob), so the difference from the clean twin

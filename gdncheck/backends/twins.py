@@ -6,7 +6,7 @@ dtype between calls. Comparing a twin with the float64 oracle gives the error fl
 kernel of that family should reach; the planted-fault backends (:mod:`gdncheck.backends.faults`)
 are twins with one bug each.
 
-Rounding points modelled (KERNELS.md §1-§2), for input dtype ``dt`` (bf16/fp16/fp32):
+Rounding points modelled (read from the kernels' sources), for input dtype ``dt`` (bf16/fp16/fp32):
 
 ``twin-fla`` (FLA 0.6.0)
     prefill = ``chunk_gated_delta_rule``: normalised q/k, ``(I + A)^-1``, ``w``, ``u``, the

@@ -108,8 +108,10 @@ def source_hash(backend: Backend, spec: str | None = None) -> str:
 
 
 def fingerprint(backends: list[Backend], pairs: list[tuple[Backend, Case]], budgets: Budgets | None,
-                device: str, specs: list[str] | None = None) -> Fingerprint:
-    env = environment()
+                device: str, specs: list[str] | None = None, env=None) -> Fingerprint:
+    """What the run's results depend on; ``env``: the run's :func:`~gdncheck.execute.environment`
+    (asked for here when not given: it runs git and nvidia-smi)."""
+    env = env or environment()
     planned = sorted((c.id, b.name) for b, c in pairs)
     return Fingerprint(
         gdncheck=env.gdncheck, git_rev=env.git_rev,
@@ -276,17 +278,19 @@ def run(suites: list[str], backend_specs: list[str], out: Path | None = None, *,
         raise UsageError("--jobs > 1 runs worker processes: it cannot be combined with --no-isolate")
     backends = [load_backend(s) for s in backend_specs]
     pairs = plan(suites, backends, shard, seeds)
-    fp = fingerprint(backends, pairs, budgets, device, backend_specs)
+    env = environment(c.seed for _, c in pairs)
+    fp = fingerprint(backends, pairs, budgets, device, backend_specs, env)
     rd = open_run_dir(out, resume=resume, overwrite=overwrite, root=run_root, fp=fp)
     try:
         return _run(rd, suites, backends, backend_specs, pairs, fp, device=device, isolate=isolate, shard=shard,
-                    twin_spec=twin_spec, progress=progress, on_result=on_result, jobs=jobs, sanitize=sanitize)
+                    twin_spec=twin_spec, progress=progress, on_result=on_result, jobs=jobs, sanitize=sanitize,
+                    env=env)
     finally:
         rd.close()
 
 
 def _run(rd: RunDir, suites, backends, backend_specs, pairs, fp, *, device, isolate, shard, twin_spec, progress,
-         on_result, jobs, sanitize=None) -> RunOutcome:
+         on_result, jobs, sanitize=None, env=None) -> RunOutcome:
     t_start = time.perf_counter()
     res_path = rd.results
     _repair_tail(res_path)
@@ -294,7 +298,7 @@ def _run(rd: RunDir, suites, backends, backend_specs, pairs, fp, *, device, isol
     specs = dict(zip([b.name for b in backends], backend_specs))
     header = rd.resumed or RunHeader(
         run_id=rd.run_id, suites=suites, backends=[b.name for b in backends],
-        environment=environment(c.seed for _, c in pairs), shard=f"{shard[0]}/{shard[1]}" if shard else None,
+        environment=env or environment(c.seed for _, c in pairs), shard=f"{shard[0]}/{shard[1]}" if shard else None,
         jobs=jobs, planned=[(c.id, b.name) for b, c in pairs], fingerprint=fp)
     lock = threading.Lock()
 

@@ -215,8 +215,7 @@ class VLLMFlashInferPrefill(_EngineFlashInfer):
         c = inputs.case
         T, H, HV, K, V = c.T, c.H, c.HS, c.K, c.V
         pool, idx = self._pool(inputs)
-        mixed = torch.cat([inputs.q.reshape(T, H * K), inputs.k.reshape(T, H * K),
-                           inputs.v.reshape(T, HV * V)], dim=-1)
+        mixed = self.packed_qkv(inputs)
         q, k, v, g, beta = self.mod("fused_gdn_prefill_post_conv").fused_post_conv_prep(
             conv_output=mixed, a=inputs.a.reshape(T, HV), b=inputs.b.reshape(T, HV), A_log=inputs.A_log,
             dt_bias=inputs.dt_bias, num_k_heads=H, head_k_dim=K, head_v_dim=V, apply_l2norm=c.l2norm,

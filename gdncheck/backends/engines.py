@@ -387,6 +387,15 @@ class EngineBackend(Backend):
     def mod(self, name: str) -> types.ModuleType:
         return load(self.pkg, name)
 
+    @staticmethod
+    def packed_qkv(inputs) -> torch.Tensor:
+        """q, k, v as the engines' conv output: ``[rows, 2*H*K + HV*V]``, rows = B (decode) or T
+        (packed prefill), in q's dtype."""
+        c = inputs.case
+        rows = c.T if c.op == "prefill" else c.B
+        return torch.cat([inputs.q.reshape(rows, c.H * c.K), inputs.k.reshape(rows, c.H * c.K),
+                          inputs.v.reshape(rows, c.HS * c.V)], dim=-1)
+
     def supports(self, case: Case) -> str | None:
         why = super().supports(case)
         if why:

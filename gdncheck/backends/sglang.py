@@ -99,8 +99,7 @@ class SGLangPackedDecode(EngineBackend):
         B, H, HV, K, V = c.B, c.H, c.HS, c.K, c.V
         pool, idx, work = _pool(inputs)
         # the conv output SGLang hands the kernel: one [q | k | v] row per request
-        mixed = torch.cat([inputs.q.reshape(B, H * K), inputs.k.reshape(B, H * K),
-                           inputs.v.reshape(B, HV * V)], dim=-1)
+        mixed = self.packed_qkv(inputs)
         work.append("q, k, v packed into mixed_qkv [B, 2*H*K + HV*V] (SGLang's conv output)")
         self.mod(_FR).fused_recurrent_gated_delta_rule_packed_decode(
             mixed_qkv=mixed, a=inputs.a.reshape(B, HV), b=inputs.b.reshape(B, HV), A_log=inputs.A_log,

@@ -120,8 +120,7 @@ class VLLMPackedDecode(_VLLMBase):
         c = inputs.case
         B, H, HV, K, V = c.B, c.H, c.HS, c.K, c.V
         pool, idx, work, _ = _vllm_pool(inputs)
-        mixed = torch.cat([inputs.q.reshape(B, H * K), inputs.k.reshape(B, H * K),
-                           inputs.v.reshape(B, HV * V)], dim=-1)
+        mixed = self.packed_qkv(inputs)
         work.append("q, k, v packed into mixed_qkv [B, 2*H*K + HV*V] (vLLM's conv output)")
         self.mod(_FR).fused_recurrent_gated_delta_rule_packed_decode(
             mixed_qkv=mixed, a=inputs.a.reshape(B, HV), b=inputs.b.reshape(B, HV), A_log=inputs.A_log,
@@ -203,8 +202,7 @@ class VLLMChunk(_VLLMBase):
         c = inputs.case
         T, H, HV, K, V = c.T, c.H, c.HS, c.K, c.V
         pool, idx, work, _ = _vllm_pool(inputs)
-        mixed = torch.cat([inputs.q.reshape(T, H * K), inputs.k.reshape(T, H * K),
-                           inputs.v.reshape(T, HV * V)], dim=-1)
+        mixed = self.packed_qkv(inputs)
         work.append("q, k, v packed into the conv output [T, 2*H*K + HV*V]")
         q, k, v, g, beta = self.mod(_PREP).fused_post_conv_prep(
             conv_output=mixed, a=inputs.a.reshape(T, HV), b=inputs.b.reshape(T, HV), A_log=inputs.A_log,

@@ -52,3 +52,26 @@ def writable_dir(path) -> "Path":
     if not os.access(p, os.W_OK):
         raise UsageError(f"--out {p}: not writable")
     return p
+
+
+def judge_and_render(res_path, out, budgets, *, render: bool = True, drift=(), plots: bool = True,
+                     allow_empty: bool = False, require=(), title: str = "gdncheck run"):
+    """Judge a results file (:func:`gdncheck.judge.judge_run` with its header's plan), render the
+    report into ``out`` (or only ``verdict.json``), print the verdict; ``(exit code, Rendered or None)``."""
+    from gdncheck.cli import say
+    from gdncheck.data.io import load_results
+    from gdncheck.judge import judge_run
+    from gdncheck.report.verdict import verdict_text
+
+    header, results = load_results(res_path)
+    v = judge_run(results, budgets, planned=header.planned, shards=header.shards, require=require,
+                  allow_empty=allow_empty)
+    r = None
+    if render:
+        from gdncheck.report.render import render as render_report
+        r = render_report(header, results, v, budgets, out, drift=list(drift), plots=plots)
+        say("wrote " + ", ".join(str(p) for p in r.files.values()) + f"; {len(r.figures)} plots")
+    else:
+        (out / "verdict.json").write_text(v.model_dump_json(indent=1) + "\n")
+    say(verdict_text(v, title=title))
+    return v.exit_code, r

@@ -27,26 +27,18 @@ def render_cmd(
 ) -> None:
     """Judge a results file and write summary.json, report.md, report.html, junit.xml, verdict.json (exit = the verdict's)."""
     from gdncheck.budgets import load_budgets
+    from gdncheck.cli.common import judge_and_render, writable_dir
     from gdncheck.data.drift import load_drift
-    from gdncheck.data.io import load_results
-    from gdncheck.judge import judge_run
-    from gdncheck.report.render import render
-    from gdncheck.report.verdict import verdict_text
-
-    from gdncheck.cli.common import writable_dir
 
     b = load_budgets(budgets or [])
     writable_dir(out)
-    header, rs = load_results(results)
-    v = judge_run(rs, b, planned=header.planned, shards=header.shards, allow_empty=allow_empty)
-    r = render(header, rs, v, b, out, drift=[load_drift(p) for p in drift or []], plots=not no_plots)
-    say(verdict_text(v, title="report"))
-    say("wrote " + ", ".join(str(p) for p in r.files.values()) + f"; {len(r.figures)} plots")
+    code, r = judge_and_render(results, out, b, drift=[load_drift(p) for p in drift or []], plots=not no_plots,
+                               allow_empty=allow_empty, title="report")
     gh = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary and gh:
         with open(gh, "a") as f:
             f.write(r.files["markdown"].read_text())
-    raise typer.Exit(v.exit_code)
+    raise typer.Exit(code)
 
 
 @command(rep, "compare")

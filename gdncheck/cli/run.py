@@ -7,27 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from gdncheck.cli import app, command, say
-from gdncheck.cli.common import backend_specs, parse_shard, resolve_device
-
-
-def render_run(res_path: Path, out: Path, budgets, *, render: bool = True, allow_empty: bool = False,
-               require: list[str] = (), title: str = "gdncheck run") -> int:
-    """Judge a results file, print the verdict, render the report into ``out``; returns the exit code."""
-    from gdncheck.data.io import load_results
-    from gdncheck.judge import judge_run
-    from gdncheck.report.verdict import verdict_text
-
-    header, results = load_results(res_path)
-    v = judge_run(results, budgets, planned=header.planned, shards=header.shards, require=require,
-                  allow_empty=allow_empty)
-    if render:
-        from gdncheck.report.render import render as render_report
-        r = render_report(header, results, v, budgets, out)
-        say(f"report: {r.files['markdown']}, {r.files['html']}, {r.files['junit']}")
-    else:
-        (out / "verdict.json").write_text(v.model_dump_json(indent=1) + "\n")
-    say(verdict_text(v, title=title))
-    return v.exit_code
+from gdncheck.cli.common import backend_specs, judge_and_render, parse_shard, resolve_device
 
 
 @command(app, "run")
@@ -59,4 +39,5 @@ def run_cmd(
                   overwrite=overwrite, shard=parse_shard(shard), progress=progress, jobs=jobs, seeds=seeds, budgets=b,
                   sanitize=sanitize)
     say(f"run {outcome.header.run_id}: {outcome.ran} results in {outcome.wall_s:.1f} s -> {outcome.dir.results}")
-    raise typer.Exit(render_run(outcome.dir.results, outcome.dir.path, b, render=render, allow_empty=allow_empty))
+    code, _ = judge_and_render(outcome.dir.results, outcome.dir.path, b, render=render, allow_empty=allow_empty)
+    raise typer.Exit(code)

@@ -90,6 +90,7 @@ def run(engine: str, suites: list[str], device: str, out_dir: Path) -> list[dict
                     r = {"case": c.id, "a": an, "b": bn, "error": f"{type(e).__name__}: {e}"[:500]}
                 r["repro"] = c.repro()
                 f.write(json.dumps(r) + "\n")
+                f.flush()  # a crash of the process keeps the rows before it
                 rows.append(r)
     ran = [r for r in rows if "o" in r]
     lines = [f"# Engine-path parity: {engine} ({', '.join(suites)}, {device})", "",

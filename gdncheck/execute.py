@@ -468,28 +468,37 @@ def run_units(units: list[list[Job]], lanes: list["Lane"], budget: int, *, alone
     compile lock (``locks[i]``) never runs beside another unit of the same lock. A lane's worker
     exits as soon as no unit is left for it.
 
+    Lane ``i`` starts with unit ``i`` (the unit whose backends :func:`start_lanes` preloaded in
+    it) when that unit's lock is free, so no lane waits for an import it will not use.
+
     Returns the phases in seconds since ``t_start``: first job, lanes done, workers gone.
     """
     t_start = time.perf_counter() if t_start is None else t_start
-    units = list(units)
+    names = list(locks) if locks is not None else [None] * len(units)
+    pending = [(i, u, name) for i, (u, name) in enumerate(zip(units, names))]
     lock = threading.Condition()
     admit = Admission(budget, lock)
     retry: list[Job] = []
     t_run = time.perf_counter()
     starts: list[float] = []
-    names = list(locks) if locks is not None else [None] * len(units)
     held: set[str] = set()
+    reserved = set(range(len(lanes)))  # units preloaded by a lane that has not started yet
 
-    def take() -> tuple[list[Job], str | None] | None:
-        """The first unit whose compile lock no other lane holds (None when none is left)."""
+    def take(prefer: int | None) -> tuple[list[Job], str | None] | None:
+        """Unit ``prefer`` if its lock is free, else the first unit whose compile lock no other
+        lane holds, another lane's preloaded unit last (None when none is left)."""
         with lock:
-            while units:
-                for i, name in enumerate(names):
+            reserved.discard(prefer)
+            while pending:
+                order = sorted(range(len(pending)),
+                               key=lambda j: (pending[j][0] != prefer, pending[j][0] in reserved))
+                for j in order:
+                    _, unit, name = pending[j]
                     if name is None or name not in held:
                         if name is not None:
                             held.add(name)
-                        del names[i]
-                        return units.pop(i), name
+                        del pending[j]
+                        return unit, name
                 lock.wait()  # every unit left waits on a lock another lane holds
             return None
 
@@ -497,9 +506,10 @@ def run_units(units: list[list[Job]], lanes: list["Lane"], budget: int, *, alone
         starts.append(time.perf_counter() - t_run)
         return job.send(lane)
 
-    def drive(lane: "Lane") -> None:
+    def drive(lane: "Lane", first: int) -> None:
+        prefer: int | None = first
         while True:
-            got = take()
+            got, prefer = take(prefer), None
             if got is None:
                 lane.close()  # its device memory back to the others; workers exit side by side
                 return
@@ -526,7 +536,7 @@ def run_units(units: list[list[Job]], lanes: list["Lane"], budget: int, *, alone
                         lock.notify_all()
 
     try:
-        pool = [threading.Thread(target=drive, args=(lane,), daemon=True) for lane in lanes]
+        pool = [threading.Thread(target=drive, args=(lane, i), daemon=True) for i, lane in enumerate(lanes)]
         for t in pool:
             t.start()
         for t in pool:

@@ -408,7 +408,18 @@ def schedule(pairs: list[tuple[Backend, Case]], lanes: int = 1) -> list[list[tup
     units = split_for_lanes(plan_units(pairs), lanes)
     # Units whose builds serialise on a lock form a chain that one lane works through from the
     # start (:func:`gdncheck.execute.run_units` gives a lock to one lane at a time), so they lead the order.
-    return [u.pairs for u in sorted(units, key=lambda u: (unit_lock(u.pairs) is None, -u.cost, u.key))]
+    order = [u.pairs for u in sorted(units, key=lambda u: (unit_lock(u.pairs) is None, -u.cost, u.key))]
+    # The first ``lanes`` units start at once, one per lane (each lane preloads its unit's
+    # backends): at most one unit of each lock among them; the rest keep their order.
+    first, rest, locks = [], [], set()
+    for u in order:
+        name = unit_lock(u)
+        if len(first) < lanes and (name is None or name not in locks):
+            first.append(u)
+            locks.add(name)
+        else:
+            rest.append(u)
+    return first + rest
 
 
 def unit_lock(unit: list[tuple[Backend, Case]]) -> str | None:

@@ -58,19 +58,22 @@ step_probes() {
 # one after another, each from empty caches, and the benchmark of their results files.
 step_smoke_cold() { cold smoke; sampled smoke_cold gdncheck gate --tier smoke -j "$J" --out "$RUNS/smoke_cold" --no-progress; }
 step_smoke_warm() { warm smoke; timed smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/smoke_warm" --no-progress; }
-step_smoke_shards_cold() {
-  for i in 0 1; do
-    cold "shard$i"
-    sampled "smoke_shard${i}_cold" gdncheck gate --tier smoke --shard $i/2 -j "$J" --out "$RUNS/smoke_shard${i}_cold" \
-      --no-progress --no-judge
+step_smoke_shards_cold() {  # SHARD_NS="2 4": each count's shards one after another, each from empty caches
+  local n i files
+  for n in ${SHARD_NS:-2 4}; do
+    files=()
+    for ((i = 0; i < n; i++)); do
+      cold "s${n}_$i"
+      sampled "smoke_s${n}_${i}_cold" gdncheck gate --tier smoke --shard $i/$n -j "$J" --out "$RUNS/smoke_s${n}_$i" \
+        --no-progress --no-judge
+      files+=("$RUNS/smoke_s${n}_$i/results.jsonl")
+    done
+    timed "merge_s$n" gdncheck report merge "${files[@]}" --out "$RUNS/smoke_merged_s$n.jsonl"
+    timed "compare_s$n" gdncheck report compare "$RUNS/smoke_cold/results.jsonl" "$RUNS/smoke_merged_s$n.jsonl" \
+      --json "$RUNS/smoke_s${n}_compare.json"
+    python scripts/bench_shards.py --unsharded "$RUNS/smoke_cold/results.jsonl" --shards "${files[@]}" -n 2 4 \
+      | tee "$RUNS/bench_shards_$n.txt"
   done
-  timed merge_shards_cold gdncheck report merge "$RUNS/smoke_shard0_cold/results.jsonl" \
-    "$RUNS/smoke_shard1_cold/results.jsonl" --out "$RUNS/smoke_merged_cold.jsonl"
-  timed compare_shards_cold gdncheck report compare "$RUNS/smoke_cold/results.jsonl" "$RUNS/smoke_merged_cold.jsonl" \
-    --json "$RUNS/smoke_shards_cold_compare.json"
-  python scripts/bench_shards.py --unsharded "$RUNS/smoke_cold/results.jsonl" \
-    --shards "$RUNS/smoke_shard0_cold/results.jsonl" "$RUNS/smoke_shard1_cold/results.jsonl" -n 2 4 \
-    | tee "$RUNS/bench_shards.txt"
 }
 # Issue 15: the full tier (smoke, models, edges, findings) against the H100 0.7.2.post1 baseline.
 step_full() {
@@ -109,6 +112,37 @@ step_engines() {
   local eng; eng=$(python -c "from gdncheck.backends import BUILTIN; print(' '.join('-b ' + n for n in BUILTIN if n.startswith(('sglang', 'vllm')) and not n.endswith('-interp')))")
   sampled "engines_$FI" gdncheck run -s smoke -s models -s edges $eng -j "$J" --out "$RUNS/engines_$FI" --no-progress
 }
+# Issue 16 after the carry fix: SGLang's own Triton paths (its FlashInfer call patterns ran before).
+step_engines_sglang() {
+  warm smoke
+  sampled "engines_sglang_$FI" gdncheck run -s smoke -s models -s edges -b sglang-decode -b sglang-fused-sigmoid \
+    -b sglang-extend -j "$J" --out "$RUNS/engines_sglang_$FI" --no-progress
+}
+# Issue 16: the engines' findings (8 through vLLM's FlashInfer call, 10 in vLLM's chunk path), and
+# finding 10 under initcheck (a read of memory nothing wrote).
+step_engines_findings() {
+  warm smoke
+  timed "engines_findings_$FI" gdncheck run -s findings -b vllm-chunk -b vllm-flashinfer-prefill -b sglang-extend \
+    -b sglang-flashinfer-extend -j 8 --out "$RUNS/engines_findings_$FI" --no-progress
+  timed "initcheck_vllm_$FI" timeout "${INIT_S:-150}" python -m gdncheck run -s findings -b vllm-chunk \
+    --sanitize initcheck -j 4 --out "$RUNS/initcheck_vllm_$FI" --no-progress
+}
+# Issue 16: each engine's Triton path against its FlashInfer path on identical inputs.
+step_parity() {
+  warm smoke
+  timed "parity_$FI" timeout "${PARITY_S:-150}" python -m gdncheck.engine_parity --engine sglang --engine vllm \
+    -s smoke -s edges --device cuda --out "$RUNS/parity_$FI"
+}
+# Issue 17: each engine's Triton path against its FlashInfer path, explained.
+step_explain_engines() {
+  warm smoke
+  local a b
+  for pair in "sglang-extend sglang-flashinfer-extend" "sglang-decode sglang-flashinfer-decode" \
+              "sglang-fused-sigmoid sglang-flashinfer-verify" "vllm-chunk vllm-flashinfer-prefill"; do
+    set -- $pair
+    timed "explain_$1" timeout 90 python -m gdncheck explain "$1" "$2" --device cuda --out "$RUNS/explain/$1"
+  done
+}
 # Issue 17: the real pairs.
 step_explain() {
   warm smoke
@@ -122,10 +156,11 @@ step_explain_save() {
   timed "explain_save_decode_$FI" timeout 60 python -m gdncheck explain flashinfer-decode --save "$RUNS/explain-fi" --device cuda
 }
 # Issue 20: the sanitize tier under memcheck (FlashInfer and FLA), the big pools alone at the end.
-step_sanitize() {
+step_sanitize() {  # SAN_FLA=0: FlashInfer only (FLA is the same package on both FlashInfer versions)
   warm smoke
-  timed "sanitize_$FI" timeout "${SAN_S:-300}" python -m gdncheck gate --suite sanitize $FIB -b fla-chunk -b fla-recurrent \
-    --sanitize memcheck -j 8 --out "$RUNS/sanitize_$FI" --no-progress
+  local fla="-b fla-chunk -b fla-recurrent"; [ "${SAN_FLA:-1}" = 0 ] && fla=""
+  timed "sanitize_$FI" timeout "${SAN_S:-300}" python -m gdncheck gate --suite sanitize $FIB $fla \
+    --sanitize memcheck -j "${SAN_J:-8}" --out "$RUNS/sanitize_$FI" --no-progress
 }
 step_sanitize_resume() {
   warm smoke

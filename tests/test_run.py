@@ -345,3 +345,95 @@ def test_units_under_one_compile_lock_take_one_lane_at_a_time(tmp_path, monkeypa
     chain = sorted(spans["crashy_backend:locked"])
     assert len(chain) == 9 and all(a[1] <= b[0] for a, b in zip(chain, chain[1:]))
     assert len({r.worker for r in res if r.backend == "twin-fla"}) >= 1
+
+
+def test_each_lane_starts_with_the_unit_it_preloaded():
+    """Lane i imports unit i's backends while the run plans (``start_lanes``); it must start with
+    that unit, not with whichever unit is first free when its thread asks. Unit 2 shares unit 0's
+    compile lock, so lane 2 takes other work, but not lane 3's preloaded unit."""
+    import threading
+
+    from gdncheck.execute import Job, run_units
+
+    class FakeLane:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self, kill=False):
+            pass
+
+    got: dict[str, list[int]] = {}
+    guard = threading.Lock()
+    gate = threading.Barrier(4, timeout=5)
+
+    def job(i):
+        def send(lane):
+            with guard:
+                first = lane.name not in got
+                got.setdefault(lane.name, []).append(i)
+            if first:
+                gate.wait()  # every lane holds its first unit before any finishes
+            return i
+        return Job(send=send, record=lambda r: None)
+
+    for _ in range(5):
+        got.clear()
+        gate.reset()
+        lanes = [FakeLane(f"lane{k}") for k in range(4)]
+        run_units([[job(i)] for i in range(8)], lanes, budget=1 << 40,
+                  locks=["L", None, "L", None, None, None, None, None])
+        firsts = {name: seq[0] for name, seq in got.items()}
+        assert firsts["lane0"] == 0 and firsts["lane1"] == 1 and firsts["lane3"] == 3, got
+        assert firsts["lane2"] == 4, got
+        assert sorted(i for seq in got.values() for i in seq) == list(range(8))
+
+
+def test_schedule_lets_the_first_lanes_units_start_together():
+    """Among the first ``lanes`` units of a schedule no two share a compile lock, so each lane can
+    start the unit it preloaded."""
+    from gdncheck.backends import load_backend
+    from gdncheck.suites import load_suite
+
+    pairs = [(load_backend(b), c) for b in ("flashinfer-decode", "flashinfer-mtp", "flashinfer-mtp-ssm",
+                                           "fla-chunk", "twin-fla") for c in load_suite("smoke")
+             if load_backend(b).supports(c) is None]
+    for lanes in (2, 4, 8):
+        units = S_schedule(pairs, lanes=lanes)
+        locks = [S_unit_lock(u) for u in units[:lanes]]
+        named = [x for x in locks if x is not None]
+        assert len(named) == len(set(named)), locks
+        assert sum(len(u) for u in units) == len(pairs)
+
+
+def test_a_locked_preloaded_unit_waits_while_its_lane_takes_other_work():
+    """Unit 1 shares unit 0's compile lock: lane 1 does not wait for it but takes the next free unit."""
+    from gdncheck.execute import Job, run_units
+
+    class FakeLane:
+        def __init__(self, name):
+            self.name = name
+
+        def close(self, kill=False):
+            pass
+
+    import threading
+    import time
+    order: list[tuple[str, int]] = []
+    guard = threading.Lock()
+    release = threading.Event()
+
+    def job(i):
+        def send(lane):
+            with guard:
+                order.append((lane.name, i))
+            if i == 0:
+                release.wait(2)
+            if i == 2:
+                release.set()
+            return i
+        return Job(send=send, record=lambda r: None)
+
+    lanes = [FakeLane("lane0"), FakeLane("lane1")]
+    run_units([[job(i)] for i in range(3)], lanes, budget=1 << 40, locks=["L", "L", None])
+    assert ("lane0", 0) in order and ("lane1", 2) in order
+    assert order.index(("lane1", 2)) < [i for _, i in order].index(1)

@@ -128,11 +128,17 @@ def _sglang_prepare() -> None:
         return  # a real SGLang process: its own modules stand
     root = _root("sglang")
     for dotted in ("sglang", "sglang.kernels", "sglang.kernels.ops", SGLANG_OPS, f"{SGLANG_OPS}.fla",
-                   f"{SGLANG_OPS}.linear", "sglang.kernels.jit", "sglang.srt"):
+                   f"{SGLANG_OPS}.linear"):
         if dotted in sys.modules:
             continue
         d = root if dotted == "sglang" else _need_dir("sglang", root, dotted)
         sys.modules[dotted] = _shell(dotted, [str(d)])
+    for dotted in ("sglang.kernels.jit", "sglang.srt"):
+        # parents of the stubbed probes only: a carried copy of the kernels (no server, no JIT
+        # sources) has neither folder, and the kernel modules import nothing else below them
+        d = root.joinpath(*dotted.split(".")[1:])
+        if dotted not in sys.modules:
+            sys.modules[dotted] = _shell(dotted, [str(d)] if d.is_dir() else [])
     for dotted, names in _sglang_stubs().items():
         if dotted in sys.modules:
             continue

@@ -7,7 +7,8 @@ Every run should start from empty kernel caches. Prints:
 
 - measured (with ``--shards``): compile seconds summed over the shards against the unsharded
   run (target <= 1.1x), each shard's wall (its lanes' span) and the predicted wall of an N-GPU
-  run, the slowest shard (shards measured one after another each had the GPU to themselves);
+  run, the slowest shard (shards measured one after another each had the GPU to themselves;
+  with ``--side-by-side`` they shared one host, so the slowest shard bounds it from above);
 - predicted from the unsharded run alone, for compile-unit shards (``gdncheck.shard``) and for
   the former hash shards: compile seconds summed over shards and the slowest shard's wall.
 
@@ -96,6 +97,8 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=None, help="lanes per GPU (default: the run's header)")
     ap.add_argument("--budget-gib", type=float, default=0.7 * 80, help="memory budget of the lanes (GiB)")
     ap.add_argument("--setup-s", type=float, default=15.0, help="start-up before the first case")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="the shards ran at the same time on one GPU, sharing its host (not one after another)")
     a = ap.parse_args(argv)
 
     header = json.loads(read_lines(a.unsharded)[0])
@@ -115,13 +118,16 @@ def main(argv=None) -> int:
         scomp = [sum(r["compile"] for r in s) for s in srs]
         swall = [measured_wall(s) for s in srs]
         n = len(srs)
-        print(f"\nmeasured, {n} compile-unit shards (one after another, each from empty caches):")
+        how = ("side by side on one GPU, each with its own lanes and empty caches" if a.side_by_side
+               else "one after another, each from empty caches")
+        print(f"\nmeasured, {n} compile-unit shards ({how}):")
         for i, (c, w) in enumerate(zip(scomp, swall)):
             print(f"  shard {i}/{n}: {len(srs[i])} pairs, compile {c:.0f} s, wall {w:.0f} s")
         ratio = sum(scomp) / comp if comp else float("nan")
         print(f"  compile summed over shards {sum(scomp):.0f} s vs unsharded {comp:.0f} s: "
               f"{ratio:.2f}x (target <= 1.1x) {'MET' if ratio <= 1.1 else 'NOT MET'}")
-        print(f"  predicted wall on {n} GPUs (slowest shard): {max(swall):.0f} s vs {wall:.0f} s on one: "
+        bound = " (an upper bound: the shards shared one host)" if a.side_by_side else ""
+        print(f"  predicted wall on {n} GPUs (slowest shard){bound}: {max(swall):.0f} s vs {wall:.0f} s on one: "
               f"{max(swall) / wall:.2f}x")
 
     print(f"\npredicted from the unsharded run (setup {a.setup_s:.0f} s, {jobs} lanes per GPU):")

@@ -54,24 +54,29 @@ step_probes() {
     echo "$1 $2: exit $?"
   done
 }
-# Issue 18: the smoke tier cold on one GPU (every default backend), then as 2 compile-unit shards
-# one after another, each from empty caches, and the benchmark of their results files.
+# Issue 18: the smoke tier cold on one GPU (every default backend); then, for each count n in
+# SHARD_NS, its n compile-unit shards side by side on this GPU, each with J/n lanes and its own empty
+# caches (so no shard reuses another's compiles, and the lanes together load the host as the
+# unsharded run did), merged, compared with the unsharded run, and the benchmark of their results.
 step_smoke_cold() { cold smoke; sampled smoke_cold gdncheck gate --tier smoke -j "$J" --out "$RUNS/smoke_cold" --no-progress; }
 step_smoke_warm() { warm smoke; timed smoke_warm gdncheck gate --tier smoke -j "$J" --out "$RUNS/smoke_warm" --no-progress; }
-step_smoke_shards_cold() {  # SHARD_NS="2 4": each count's shards one after another, each from empty caches
+step_smoke_shards_cold() {
   local n i files
   for n in ${SHARD_NS:-2 4}; do
     files=()
+    sample "smoke_s$n" & local sp=$!
     for ((i = 0; i < n; i++)); do
-      cold "s${n}_$i"
-      sampled "smoke_s${n}_${i}_cold" gdncheck gate --tier smoke --shard $i/$n -j "$J" --out "$RUNS/smoke_s${n}_$i" \
-        --no-progress --no-judge
+      ( cold "s${n}_$i"
+        timed "smoke_s${n}_${i}_cold" gdncheck gate --tier smoke --shard $i/$n -j $((J / n)) \
+          --out "$RUNS/smoke_s${n}_$i" --no-progress --no-judge ) &
       files+=("$RUNS/smoke_s${n}_$i/results.jsonl")
     done
+    wait $(jobs -p | grep -vx "$sp")
+    kill $sp
     timed "merge_s$n" gdncheck report merge "${files[@]}" --out "$RUNS/smoke_merged_s$n.jsonl"
     timed "compare_s$n" gdncheck report compare "$RUNS/smoke_cold/results.jsonl" "$RUNS/smoke_merged_s$n.jsonl" \
       --json "$RUNS/smoke_s${n}_compare.json"
-    python scripts/bench_shards.py --unsharded "$RUNS/smoke_cold/results.jsonl" --shards "${files[@]}" -n 2 4 \
+    python scripts/bench_shards.py --unsharded "$RUNS/smoke_cold/results.jsonl" --shards "${files[@]}" -n 2 4 --side-by-side \
       | tee "$RUNS/bench_shards_$n.txt"
   done
 }

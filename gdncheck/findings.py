@@ -1,7 +1,7 @@
 """Known findings as regressions: per kernel package version, is each README finding still failing or fixed?
 
-The ``findings`` suite tags each trigger case ``finding:N`` and ``on:<backend>`` (the backend that
-showed it). :func:`status_table` reads results (any number of ``results.jsonl``, e.g. one per
+The ``findings`` suite tags each trigger case ``finding:N`` and ``on:<backend>`` (the backends that
+show it; :func:`gdncheck.judge.findings_of`, the rule every verdict's known findings follow too). :func:`status_table` reads results (any number of ``results.jsonl``, e.g. one per
 FlashInfer version) and judges each (finding, backend, version) with the gate's own judge
 (budgets and contracts): ``still failing`` when any of its cases fails, ``fixed`` when all that
 ran pass, ``not run`` when none ran (unsupported or absent). Cases tagged ``metric-only``
@@ -17,11 +17,8 @@ from pathlib import Path
 
 from gdncheck.budgets import load_budgets
 from gdncheck.data.io import load_results
+from gdncheck.judge import findings_of
 from gdncheck.judge import judge_result as judge
-
-
-def _tags(r, prefix: str) -> list[str]:
-    return [t.removeprefix(prefix) for t in r.case.tags if t.startswith(prefix)]
 
 
 def status_table(results) -> dict[tuple[str, str, str], tuple[str, list[str]]]:
@@ -29,10 +26,7 @@ def status_table(results) -> dict[tuple[str, str, str], tuple[str, list[str]]]:
     budgets = load_budgets()
     groups: dict[tuple[str, str, str], list] = defaultdict(list)
     for r in results:
-        fs = _tags(r, "finding:")
-        if not fs or r.backend not in _tags(r, "on:"):
-            continue
-        for f in fs:
+        for f in findings_of(r):
             groups[(f, r.backend, r.backend_version)].append(r)
     out = {}
     for key, rs in sorted(groups.items()):

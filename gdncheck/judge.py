@@ -179,17 +179,24 @@ def compare(cur: list[CaseResult], base: list[CaseResult], budgets: Budgets, *, 
     return regs, imps, ev
 
 
+def findings_of(r: CaseResult) -> list[str]:
+    """The documented findings (tags ``finding:N``) result ``r`` speaks for: those of its case when
+    the case names ``r``'s backend (``on:<backend>``) or names none. A finding's case failing on
+    another backend fails the run, but for a reason of that backend's own."""
+    fs = [t.removeprefix("finding:") for t in r.case.tags if t.startswith("finding:")]
+    on = [t.removeprefix("on:") for t in r.case.tags if t.startswith("on:")]
+    return fs if not on or r.backend in on else []
+
+
 def known_findings(results: list[CaseResult], budgets: Budgets) -> list[KnownFinding]:
-    """State of each documented finding (cases tagged ``finding:N``) in this run, per backend:
+    """State of each documented finding (:func:`findings_of`) in this run, per backend:
     ``still failing`` when any of its cases fails on that backend, ``fixed`` when they ran and pass."""
     per: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
     cases: dict[str, set[str]] = defaultdict(set)
     for r in results:
-        for t in r.case.tags:
-            if t.startswith("finding:"):
-                f = t.removeprefix("finding:")
-                cases[f].add(r.case.name or r.case_id)
-                per[f][r.backend].append(outcome(r, budgets))
+        for f in findings_of(r):
+            cases[f].add(r.case.name or r.case_id)
+            per[f][r.backend].append(outcome(r, budgets))
     out = []
     for f in sorted(per, key=lambda x: (len(x), x)):
         states = {}

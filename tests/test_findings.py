@@ -11,7 +11,7 @@ from gdncheck.data.results import CaseResult, Contracts
 def test_every_finding_has_a_named_trigger():
     cases = load_suite("findings")
     tagged = {t.removeprefix("finding:") for c in cases for t in c.tags if t.startswith("finding:")}
-    assert {str(n) for n in range(1, 10)} <= tagged
+    assert {str(n) for n in range(1, 11)} <= tagged
     for c in cases:
         assert c.name and c.name.startswith("findings/")
         assert any(t.startswith("on:") for t in c.tags), c.name
@@ -51,3 +51,24 @@ def test_status_table_per_version():
     assert ("1", "twin-flashinfer", "0.7.4") not in t
     assert t[("8", "flashinfer-prefill", "0.7.4")] == ("still failing", [f8[0].name])
     assert "| 1 | flashinfer-mtp | 0.7.4 | **fixed** |" in markdown(t)
+
+
+def test_verdicts_attribute_a_finding_only_to_the_backends_it_names():
+    """A finding's case failing on another backend fails the run, for that backend's own reason:
+    the verdict's known findings (and the per-version table) count only the ``on:`` backends.
+    Finding 8's engine case fails on vllm-chunk through finding 10, not through finding 8."""
+    from gdncheck.budgets import load_budgets
+    from gdncheck.judge import findings_of, judge_run, known_findings
+
+    by = {c.name: c for c in load_suite("findings")}
+    f8 = by["findings/8/engine-flashinfer-zero-length/middle"]
+    f10 = by["findings/10/chunk-index-zero-length/middle"]
+    rs = [_res(f8, "vllm-flashinfer-prefill", "0.33.0", False), _res(f8, "vllm-chunk", "0.33.0", False),
+          _res(f10, "vllm-chunk", "0.33.0", False), _res(f10, "sglang-extend", "0.5.23", True)]
+    assert findings_of(rs[1]) == [] and findings_of(rs[0]) == ["8"] and findings_of(rs[2]) == ["10"]
+    known = {k.finding: k for k in known_findings(rs, load_budgets())}
+    assert known["8"].backends == {"vllm-flashinfer-prefill": "still failing"}
+    assert known["10"].backends == {"sglang-extend": "fixed", "vllm-chunk": "still failing"}
+    assert known["10"].state == "still failing"
+    v = judge_run(rs, load_budgets())
+    assert v.exit_code == 1 and len(v.failures) == 3  # the vllm-chunk failure of finding 8's case still counts

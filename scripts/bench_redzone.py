@@ -4,7 +4,7 @@
 
 Each (case, backend) pair runs with ``GDNCHECK_REDZONE=0`` and ``=1`` alternately, ``--repeat`` times
 each, on one torch thread; the least CPU time of each is kept (the least disturbed by other load).
-Time is the whole :func:`gdncheck.run.run_case` (inputs, guarded copy, call, guard and input checks,
+Time is the whole :func:`gdncheck.execute.run_case` (inputs, guarded copy, call, guard and input checks,
 oracle, metrics) in CPU seconds of this process; "red zone work" times the guarded copy and the
 checks alone against the plain copy they replace. Memory is the bytes the guards (and holes of
 strided views) add to the inputs' own storage.
@@ -20,8 +20,9 @@ import torch
 
 from gdncheck import redzone
 from gdncheck.backends import load_backend
-from gdncheck.cases import load_suite, materialize
-from gdncheck.run import case_bytes, run_case, too_large
+from gdncheck.inputs import materialize
+from gdncheck.suites import load_suite
+from gdncheck.execute import case_bytes, run_case, too_large
 
 
 def _time(backend, case, device: str, on: bool) -> float:
@@ -103,7 +104,7 @@ def main() -> None:
     print(f"{'input bytes (MiB)':24}{in_bytes / 2**20:12.2f}{(in_bytes + guard_bytes) / 2**20:12.2f}"
           f"{(in_bytes + guard_bytes) / in_bytes:10.3f}")
     print(f"{'device peak model (MiB)':24}{peak / 2**20:12.2f}{(peak + guard_bytes) / 2**20:12.2f}"
-          f"{(peak + guard_bytes) / peak:10.3f}  (run.case_bytes: inputs, oracle, metrics)")
+          f"{(peak + guard_bytes) / peak:10.3f}  (execute.case_bytes: inputs, oracle, metrics)")
     print(f"memory: largest ratio {1 + worst[0]:.2f} on {worst[1]} (guards are >= 4 KiB a side: small cases pay most)")
 
 

@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from gdncheck.shard import Unit, assign, fit, lanes_wall, load_costs, plan_units, split_for_lanes, write_costs
+from gdncheck.shard import (COSTS_PATH, Unit, assign, fit, lanes_wall, load_costs, plan_units, split_for_lanes,
+                            write_costs)
 
 
 def main(argv: list[str] | None = None) -> int:

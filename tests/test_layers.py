@@ -101,3 +101,23 @@ def test_layers_catch_a_violation():
     """The check itself can fail: a schema importing the judge is reported."""
     assert _rank("gdncheck.judge") > _rank("gdncheck.data.case")
     assert _rank("gdncheck.report.render") > _rank("gdncheck.run") > _rank("gdncheck.execute")
+
+
+def test_scripts_import_what_the_package_has():
+    """Every ``from gdncheck... import name`` in ``scripts/`` names a module and an attribute that
+    exist (scripts are not imported by the tests otherwise, so a moved function would go unnoticed)."""
+    import importlib
+    import importlib.util
+
+    bad = []
+    for path in sorted((PKG.parent / "scripts").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "gdncheck":
+                try:
+                    mod = importlib.import_module(node.module)
+                except ImportError as e:
+                    bad.append(f"{path.name}: {node.module}: {e}")
+                    continue
+                bad += [f"{path.name}: {node.module}.{a.name}" for a in node.names
+                        if not hasattr(mod, a.name) and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+    assert not bad, bad

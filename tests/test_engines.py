@@ -507,3 +507,19 @@ def test_engine_flashinfer_padding_is_refused_with_its_reason(name, op, why):
     case = Case(op=op, seqlens=seqlens, gate_source="raw", pool_size=5, read_indices=[1, -1, 3])
     reason = load_backend(name).supports(case)
     assert reason and why in reason, reason
+
+
+def test_parity_command_exit_codes(tmp_path):
+    """``gdncheck parity``: an unknown engine is one line and exit 2 before any work; with no case run
+    on both paths (here: no CUDA for the FlashInfer side) it is exit 3, never a silent pass."""
+    _need("vllm")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "gdncheck", "parity", *a], capture_output=True,  # noqa: E731
+                                    text=True, timeout=600)
+    p = run("--engine", "nope")
+    assert p.returncode == 2 and p.stderr.strip().count("\n") == 0 and "sglang, vllm" in p.stderr
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the pairs would run")
+    p = run("--engine", "vllm", "--out", str(tmp_path), "--device", "cpu")
+    assert p.returncode == 3, p.stderr[-2000:]
+    assert "nothing was compared" in p.stderr
+    assert (tmp_path / "vllm" / "parity.md").exists()

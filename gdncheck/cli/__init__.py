@@ -79,4 +79,5 @@ def main() -> None:
 
 # the commands register themselves on import, in help order
 from gdncheck.cli import run as _run, gate as _gate, report as _report, cases as _cases  # noqa: E402,F401
-from gdncheck.cli import explain as _explain, ablate as _ablate, drift as _drift, bench as _bench  # noqa: E402,F401
+from gdncheck.cli import explain as _explain, parity as _parity, ablate as _ablate, drift as _drift  # noqa: E402,F401
+from gdncheck.cli import bench as _bench  # noqa: E402,F401

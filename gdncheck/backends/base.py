@@ -152,3 +152,12 @@ class Backend:
 
     def run(self, inputs: Inputs) -> Outputs:
         raise NotImplementedError
+
+    @staticmethod
+    def into_out(o: torch.Tensor, inputs: Inputs, work: list[str],
+                 note: str = "output copied into the caller's buffer") -> None:
+        """An API that may return a new output tensor instead of writing ``inputs.out``: copy ``o``
+        into the caller's (poisoned) buffer when it is another tensor, and say so in ``work``."""
+        if o.data_ptr() != inputs.out.data_ptr():
+            inputs.out.copy_(o)
+            work.append(note)

@@ -422,3 +422,13 @@ class EngineBackend(Backend):
 
     def schedule_key(self, case: Case) -> tuple:
         return (self.name, case.H, case.HV, case.K, case.V, case.dtype, case.state_dtype)
+
+
+def interp_variant(base: type[EngineBackend], note: str = "") -> type[EngineBackend]:
+    """``base`` under Triton's CPU interpreter (CI): named ``<base.name>-interp``, ``interp = True``,
+    its capabilities with ``device = "cpu"``. ``note`` ends the docstring (e.g. which fixes apply)."""
+    name = f"{base.__name__}Interp"
+    return type(name, (base,), {
+        "__doc__": f"``{base.name}`` under Triton's CPU interpreter (CI){note}.",
+        "__module__": base.__module__, "__qualname__": name,
+        "name": f"{base.name}-interp", "interp": True, "caps": base.caps.model_copy(update={"device": "cpu"})})

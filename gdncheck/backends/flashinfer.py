@@ -269,9 +269,7 @@ class FlashInferDecode(_FlashInferBase):
                                               inputs.state.dtype, inputs.state.device, fill=float("nan"))
                 kw.update(intermediate_states_buffer=inter)
         o, _ = gated_delta_rule_decode_pretranspose(**kw)
-        if o.data_ptr() != inputs.out.data_ptr():
-            inputs.out.copy_(o)
-            work.append("output copied into the caller's buffer (the API returned a new tensor)")
+        self.into_out(o, inputs, work, "output copied into the caller's buffer (the API returned a new tensor)")
         if inter is not None and inter.dtype != inputs.intermediate.dtype:
             inputs.intermediate.copy_(inter)
             work.append(f"intermediate {_dt(inter.dtype)} -> {_dt(inputs.intermediate.dtype)} for the report")

@@ -303,9 +303,7 @@ class FlashInferDecodePaged(_ApiBackend):
                               inputs.dt_bias, inputs.b, c.scale, inputs.out, c.l2norm, state_pool=inputs.state,
                               **tables, **kw)
         work = []
-        if o.data_ptr() != inputs.out.data_ptr():
-            inputs.out.copy_(o)
-            work.append("output copied into the caller's buffer")
+        self.into_out(o, inputs, work)
         return Outputs(o=inputs.out, state=inputs.state, path="decode.paged", adapter_work=work)
 
 
@@ -339,9 +337,7 @@ class FlashInferDecodeVLast(_ApiBackend):
         o, _ = self.call_checked(c, gated_delta_rule_decode, inputs.q, inputs.k, inputs.v, inputs.state, inputs.A_log,
                                  inputs.a, inputs.dt_bias, inputs.b, c.scale, inputs.out, c.l2norm, **kw)
         work = []
-        if o.data_ptr() != inputs.out.data_ptr():
-            inputs.out.copy_(o)
-            work.append("output copied into the caller's buffer")
+        self.into_out(o, inputs, work)
         return Outputs(o=inputs.out, state=inputs.state, path="decode.vlast", adapter_work=work)
 
 
@@ -385,9 +381,7 @@ class FlashInferCakeMTP(_ApiBackend):
                                  output=inputs.out, disable_state_update=c.disable_state_update,
                                  use_qk_l2norm=c.l2norm, output_state_indices=inputs.write_indices)
         work = ["k, v, b given a Householder axis of 1 (views)"]
-        if o.data_ptr() != inputs.out.data_ptr():
-            inputs.out.copy_(o)
-            work.append("output copied into the caller's buffer")
+        self.into_out(o, inputs, work)
         return Outputs(o=inputs.out, state=inputs.state, path="cake_mtp.nh1", adapter_work=work)
 
     def _run_ssm(self, inputs: Inputs) -> Outputs:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from gdncheck.backends.base import Capabilities, Outputs
-from gdncheck.backends.engines import EngineBackend
+from gdncheck.backends.engines import EngineBackend, interp_variant
 from gdncheck.data.case import Case
 from gdncheck.inputs import Inputs
 
@@ -208,26 +208,8 @@ class SGLangExtend(EngineBackend):
         return Outputs(o=inputs.out, state=pool, adapter_work=work, path="sglang.extend.chunk")
 
 
-class SGLangPackedDecodeInterp(SGLangPackedDecode):
-    """``sglang-decode`` under Triton's CPU interpreter (CI)."""
-
-    name = "sglang-decode-interp"
-    interp = True
-    caps = SGLangPackedDecode.caps.model_copy(update={"device": "cpu"})
-
-
-class SGLangFusedSigmoidInterp(SGLangFusedSigmoid):
-    """``sglang-fused-sigmoid`` under Triton's CPU interpreter (CI)."""
-
-    name = "sglang-fused-sigmoid-interp"
-    interp = True
-    caps = SGLangFusedSigmoid.caps.model_copy(update={"device": "cpu"})
-
-
-class SGLangExtendInterp(SGLangExtend):
-    """``sglang-extend`` under Triton's CPU interpreter (CI), with the chunk fixes of
-    :func:`gdncheck.backends.engines.interpreter_fixes` (bf16 dots, first autotune config)."""
-
-    name = "sglang-extend-interp"
-    interp = True
-    caps = SGLangExtend.caps.model_copy(update={"device": "cpu"})
+SGLangPackedDecodeInterp = interp_variant(SGLangPackedDecode)
+SGLangFusedSigmoidInterp = interp_variant(SGLangFusedSigmoid)
+SGLangExtendInterp = interp_variant(
+    SGLangExtend, ", with the chunk fixes of :func:`gdncheck.backends.engines.interpreter_fixes` "
+    "(bf16 dots, first autotune config)")

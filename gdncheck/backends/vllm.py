@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from gdncheck.backends.base import Capabilities, Outputs
-from gdncheck.backends.engines import EngineBackend
+from gdncheck.backends.engines import EngineBackend, interp_variant
 from gdncheck.data.case import Case
 from gdncheck.inputs import Inputs
 
@@ -223,27 +223,8 @@ class VLLMChunk(_VLLMBase):
         return Outputs(o=inputs.out, state=_unpool(inputs, pool), adapter_work=work, path="vllm.chunk")
 
 
-class VLLMPackedDecodeInterp(VLLMPackedDecode):
-    """``vllm-decode`` under Triton's CPU interpreter (CI)."""
-
-    name = "vllm-decode-interp"
-    interp = True
-    caps = VLLMPackedDecode.caps.model_copy(update={"device": "cpu"})
-
-
-class VLLMFusedSigmoidInterp(VLLMFusedSigmoid):
-    """``vllm-fused-sigmoid`` under Triton's CPU interpreter (CI)."""
-
-    name = "vllm-fused-sigmoid-interp"
-    interp = True
-    caps = VLLMFusedSigmoid.caps.model_copy(update={"device": "cpu"})
-
-
-class VLLMChunkInterp(VLLMChunk):
-    """``vllm-chunk`` under Triton's CPU interpreter (CI), with the chunk fixes of
-    :func:`gdncheck.backends.engines.interpreter_fixes` (bf16 dots, first autotune config,
-    the loop variable of ``chunk_delta_h`` as a tensor)."""
-
-    name = "vllm-chunk-interp"
-    interp = True
-    caps = VLLMChunk.caps.model_copy(update={"device": "cpu"})
+VLLMPackedDecodeInterp = interp_variant(VLLMPackedDecode)
+VLLMFusedSigmoidInterp = interp_variant(VLLMFusedSigmoid)
+VLLMChunkInterp = interp_variant(
+    VLLMChunk, ", with the chunk fixes of :func:`gdncheck.backends.engines.interpreter_fixes` (bf16 dots, "
+    "first autotune config, the loop variable of ``chunk_delta_h`` as a tensor)")

@@ -1,11 +1,12 @@
 """Known findings as regressions: per kernel package version, is each README finding still failing or fixed?
 
 The ``findings`` suite tags each trigger case ``finding:N`` and ``on:<backend>`` (the backends that
-show it; :func:`gdncheck.judge.findings_of`, the rule every verdict's known findings follow too). :func:`status_table` reads results (any number of ``results.jsonl``, e.g. one per
-FlashInfer version) and judges each (finding, backend, version) with the gate's own judge
-(budgets and contracts): ``still failing`` when any of its cases fails, ``fixed`` when all that
-ran pass, ``not run`` when none ran (unsupported or absent). Cases tagged ``metric-only``
-(findings 6, 7: distances, not contracts) report ``within budget`` / ``over budget``.
+show it; :func:`gdncheck.judge.findings_of`, the rule every verdict's known findings follow too).
+:func:`status_table` reads results (any number of ``results.jsonl``, e.g. one per FlashInfer version)
+and judges each (finding, backend, version) with the gate's own judge (budgets and contracts):
+``still failing`` when any of its cases fails, ``fixed`` when all that ran pass, ``not run`` when
+none ran (unsupported or absent). Cases tagged ``metric-only`` (findings 6, 7: distances, not
+contracts) report ``within budget`` / ``over budget``.
 
     python -m gdncheck.findings RESULTS.jsonl [RESULTS.jsonl ...]   # Markdown table on stdout
 """
